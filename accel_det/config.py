@@ -220,7 +220,9 @@ class TrainConfig(_Table):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="'auto' takes the launcher's setting"
     )
-    gpu_train: bool = Field(True, description="Use the GPU when there is one; false -> Accelerator(cpu=True)")
+    gpu_train: Literal["auto"] | bool = Field(
+        "auto", description="true: require a GPU; false: CPU (Accelerator(cpu=True)); 'auto': GPU if visible"
+    )
     seed: int = Field(0, description="Seed for torch/numpy/python on every process")
     clip_grad_norm: Annotated[float, Field(ge=0)] = Field(0.0, description="Max grad norm (0 = off)")
     log_freq: PosInt = Field(10, description="Batches between plain log lines when stdout is not a TTY")

@@ -1,0 +1,25 @@
+"""Datasets (VOC, COCO, YOLO, synthetic shapes), v2 transforms, collate and loaders built from a recipe."""
+
+from .builder import build_datasets, build_loaders, seed_worker
+from .coco import COCODetection
+from .collate import collate_fn
+from .common import DatasetError, DetectionDataset, load_image
+from .synthetic import make_synthetic_voc
+from .transforms import build_transforms
+from .voc import VOCDetection
+from .yolo import YOLODetection
+
+__all__ = [
+    "COCODetection",
+    "DatasetError",
+    "DetectionDataset",
+    "VOCDetection",
+    "YOLODetection",
+    "build_datasets",
+    "build_loaders",
+    "build_transforms",
+    "collate_fn",
+    "load_image",
+    "make_synthetic_voc",
+    "seed_worker",
+]

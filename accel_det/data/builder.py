@@ -1,0 +1,85 @@
+"""Recipe -> datasets -> DataLoaders. The only place that knows which recipe key feeds which reader."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from accel_det.config import Recipe
+
+from .coco import COCODetection
+from .collate import collate_fn
+from .common import DetectionDataset
+from .synthetic import is_complete, make_synthetic_voc
+from .transforms import build_transforms
+from .voc import VOCDetection
+from .yolo import YOLODetection
+
+
+def build_datasets(recipe: Recipe) -> tuple[DetectionDataset, DetectionDataset]:
+    """(train, val) datasets of ``recipe.data``, with training augments on train and the resize on both.
+
+    ``data.root`` is relative to the working directory; the split keys are relative to ``data.root``
+    (absolute paths work for all of them)."""
+    data, model = recipe.data, recipe.model
+    root = Path(data.root)
+    names = data.class_names
+    train_tf = build_transforms(True, model.img_dim, data.augments, channels=model.channels)
+    val_tf = build_transforms(False, model.img_dim, [], channels=model.channels)
+    fmt = data.format
+    if fmt == "synthetic":
+        if not is_complete(root, data.synthetic):
+            make_synthetic_voc(root, data.synthetic, names)
+        fmt = "voc"
+    if fmt == "voc":
+        return (
+            VOCDetection(root, data.train, names, train_tf, keep_difficult=data.keep_difficult, channels=model.channels),
+            VOCDetection(root, data.val, names, val_tf, keep_difficult=True, channels=model.channels),
+        )
+    if fmt == "coco":
+        # Crowd boxes are left out of training (torchvision's references do the same: a crowd box is one
+        # box around many objects) but kept, flagged difficult, for the evaluator.
+        return (
+            COCODetection(root / data.train, root / data.train_images, names, train_tf, model.channels, keep_crowd=False),
+            COCODetection(root / data.val, root / data.val_images, names, val_tf, model.channels, keep_crowd=True),
+        )
+    if fmt == "yolo":
+        return (
+            YOLODetection(root, data.train, names, train_tf, model.channels),
+            YOLODetection(root, data.val, names, val_tf, model.channels),
+        )
+    raise ValueError(f"unknown data.format {data.format!r}")  # pragma: no cover - config validates it
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader workers get distinct torch seeds (base seed + worker id) but inherit numpy's and
+    random's state from the parent: without this every worker draws the same numpy "random" numbers."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loaders(
+    recipe: Recipe, train_ds: DetectionDataset, val_ds: DetectionDataset, seed: int = 0
+) -> tuple[DataLoader, DataLoader]:
+    """Plain DataLoaders; ``accelerator.prepare`` shards them across processes later."""
+    data = recipe.data
+    workers = data.num_workers
+    common = dict(
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        worker_init_fn=seed_worker,
+        drop_last=False,
+    )
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    train_loader = DataLoader(train_ds, batch_size=data.batch_size, shuffle=True, generator=generator, **common)
+    val_bs = recipe.eval.batch_size or data.batch_size
+    val_loader = DataLoader(val_ds, batch_size=val_bs, shuffle=False, **common)
+    return train_loader, val_loader

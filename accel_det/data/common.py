@@ -1,0 +1,177 @@
+"""Shared pieces of the dataset readers: image loading, one-line errors, the common Dataset base.
+
+Every reader parses its annotations once at construction into a list of ``Record`` (numpy boxes, cheap to
+pickle into DataLoader workers) and inherits ``__getitem__`` from ``DetectionDataset``; so the sample
+contract (DESIGN.md section 4) lives in one place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+Target = dict[str, Any]
+Transforms = Callable[[tv_tensors.Image, Target], tuple[tv_tensors.Image, Target]]
+
+
+class DatasetError(ValueError):
+    """A problem with the data on disk, already formatted as one line naming the file (and object/line)."""
+
+
+def load_image(path: str | Path, channels: int = 3) -> tv_tensors.Image:
+    """Read an image as uint8 CHW with EXIF orientation applied: RGB (channels=3) or L (channels=1)."""
+    if channels not in (1, 3):
+        raise DatasetError(f"{path}: cannot load images with {channels} channels (supported: 1, 3)")
+    try:
+        with Image.open(path) as img:
+            # Phone photos store pixels unrotated plus an Orientation tag; annotations (and people) see the
+            # rotated picture, so rotate before anything reads the size.
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "P":
+                # Palette images with a transparent index warn when converted straight to RGB.
+                img = img.convert("RGBA")
+            img = img.convert("L" if channels == 1 else "RGB")  # gray/RGBA/CMYK/16-bit -> 8-bit L or RGB
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot read image: {exc}") from None
+    return tv_tensors.Image(F.pil_to_tensor(img))
+
+
+class DirIndex:
+    """``exists(path)`` from one cached ``os.listdir`` per folder: tens of thousands of ``stat`` calls on a
+    network file system take minutes, one listing per folder takes milliseconds."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, frozenset[str]] = {}
+
+    def exists(self, path: Path) -> bool:
+        parent = path.parent
+        names = self._cache.get(parent)
+        if names is None:
+            try:
+                names = frozenset(os.listdir(parent))
+            except OSError:
+                names = frozenset()
+            self._cache[parent] = names
+        return path.name in names
+
+
+def check_box(values: Sequence[float], where: str) -> None:
+    """Reject non-finite values and inverted boxes (``values`` = x1, y1, x2, y2)."""
+    if not all(math.isfinite(v) for v in values):
+        raise DatasetError(f"{where}: box {list(values)} has a non-finite value")
+    x1, y1, x2, y2 = values
+    if x2 < x1 or y2 < y1:
+        raise DatasetError(f"{where}: box x1={x1:g} y1={y1:g} x2={x2:g} y2={y2:g} has x2 < x1 or y2 < y1")
+
+
+def class_list(class_names: Sequence[str]) -> str:
+    return ", ".join(class_names)
+
+
+@dataclass
+class Record:
+    """One image's annotation. ``boxes`` are xyxy in pixels, or in [0, 1] fractions of the image size when
+    ``normalized`` (YOLO: the size is only known once the EXIF-rotated image is loaded)."""
+
+    path: Path
+    image_id: int
+    boxes: np.ndarray  # (n, 4) float32
+    labels: np.ndarray  # (n,) int64, 1..K
+    difficult: np.ndarray  # (n,) bool
+    normalized: bool = False
+
+
+def make_record(
+    path: Path,
+    image_id: int,
+    boxes: list[list[float]],
+    labels: list[int],
+    difficult: list[bool],
+    normalized: bool = False,
+) -> Record:
+    return Record(
+        path=path,
+        image_id=image_id,
+        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        labels=np.asarray(labels, dtype=np.int64).reshape(-1),
+        difficult=np.asarray(difficult, dtype=bool).reshape(-1),
+        normalized=normalized,
+    )
+
+
+class DetectionDataset(Dataset):
+    """Base of the readers: subclasses fill ``records``, ``class_names`` and ``category_ids``."""
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        transforms: Transforms | None,
+        channels: int,
+        keep_difficult: bool = True,
+    ) -> None:
+        if channels not in (1, 3):
+            raise DatasetError(f"model.channels = {channels}: datasets load 1- or 3-channel images only")
+        self.class_names: list[str] = list(class_names)
+        self.category_ids: list[int] = []
+        self.records: list[Record] = []
+        self.transforms = transforms
+        self.channels = channels
+        # False drops difficult (VOC) / crowd (COCO) boxes: training on them teaches the model to fire on
+        # things the evaluator ignores.
+        self.keep_difficult = keep_difficult
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image_path(self, idx: int) -> Path:
+        return self.records[idx].path
+
+    def num_objects(self) -> int:
+        return sum(len(r.labels) for r in self.records)
+
+    def __getitem__(self, idx: int) -> tuple[tv_tensors.Image, Target]:
+        rec = self.records[idx]
+        image = load_image(rec.path, self.channels)
+        h, w = image.shape[-2:]
+        boxes, labels, difficult = rec.boxes, rec.labels, rec.difficult
+        if not self.keep_difficult:
+            keep = ~difficult
+            boxes, labels, difficult = boxes[keep], labels[keep], difficult[keep]
+        boxes = torch.from_numpy(boxes.copy())
+        if rec.normalized:
+            boxes *= torch.tensor([w, h, w, h], dtype=torch.float32)
+        # Boxes partly outside the image are clamped; a box wholly outside becomes degenerate and the
+        # training transforms' SanitizeBoundingBoxes drops it.
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        target: Target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+            "labels": torch.from_numpy(labels.copy()),
+            "difficult": torch.from_numpy(difficult.copy()),
+            "image_id": rec.image_id,
+            "orig_size": (int(h), int(w)),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self)} images, {self.num_objects()} objects, "
+            f"classes: {class_list(self.class_names)})"
+        )

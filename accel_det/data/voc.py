@@ -1,0 +1,125 @@
+"""Pascal VOC layout: ``JPEGImages/``, ``Annotations/<id>.xml``, ``ImageSets/Main/<split>.txt``.
+
+Pixel convention. VOC coordinates are 1-based *inclusive pixel indices*: a box with xmin=1, xmax=10 covers
+the first ten pixel columns. In continuous 0-based coordinates (what torchvision's xyxy boxes, resizing
+and IoU mean) those columns span [0, 10], so we read ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax``
+(detectron2's ``pascal_voc.py`` does the same; ssd.pytorch/FaceBoxes subtract 1 from all four, which makes
+every box a pixel too small). Areas then equal the devkit's ``(xmax - xmin + 1) * (ymax - ymin + 1)``
+without the +1 hacks, and ``synthetic.py`` writes the inverse so the round trip is exact.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+from .common import DatasetError, DetectionDataset, DirIndex, Transforms, check_box, make_record
+
+_IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
+
+
+def read_split(root: Path, split: str) -> list[str]:
+    """Image ids of a split file (first token of each line), or every ``Annotations/*.xml`` for ``""``."""
+    if not split:
+        ann_dir = root / "Annotations"
+        if not ann_dir.is_dir():
+            raise DatasetError(f"{ann_dir}: annotation folder missing")
+        return sorted(p.stem for p in ann_dir.glob("*.xml"))
+    path = root / split
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: split file missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read split file: {exc}") from None
+    # Class-specific VOC split files carry a second column ("000005 -1"); only the id matters here.
+    return [line.split()[0] for line in lines if line.strip()]
+
+
+def _text(node: ET.Element, tag: str) -> str | None:
+    child = node.find(tag)
+    return None if child is None or child.text is None else child.text.strip()
+
+
+def parse_voc_xml(
+    xml_path: Path, class_index: dict[str, int], known: str
+) -> tuple[str | None, list[list[float]], list[int], list[bool]]:
+    """(filename tag, xyxy boxes in 0-based continuous px, labels 1..K, difficult flags) of one XML."""
+    try:
+        tree = ET.parse(xml_path)
+    except FileNotFoundError:
+        raise DatasetError(f"{xml_path}: annotation file missing") from None
+    except ET.ParseError as exc:
+        raise DatasetError(f"{xml_path}: malformed XML: {exc}") from None
+    except OSError as exc:
+        raise DatasetError(f"{xml_path}: cannot read: {exc}") from None
+    root = tree.getroot()
+    boxes: list[list[float]] = []
+    labels: list[int] = []
+    difficult: list[bool] = []
+    for i, obj in enumerate(root.iter("object"), start=1):
+        where = f"{xml_path}: object {i}"
+        name = _text(obj, "name")
+        if not name:
+            raise DatasetError(f"{where}: no <name>")
+        if name not in class_index:
+            raise DatasetError(f"{where}: unknown class {name!r} (known: {known})")
+        bnd = obj.find("bndbox")
+        if bnd is None:
+            raise DatasetError(f"{where}: no <bndbox>")
+        try:
+            coords = [float(_text(bnd, tag) or "") for tag in ("xmin", "ymin", "xmax", "ymax")]
+        except ValueError:
+            raise DatasetError(f"{where}: <bndbox> needs numeric xmin, ymin, xmax, ymax") from None
+        xmin, ymin, xmax, ymax = coords
+        check_box([xmin, ymin, xmax, ymax], where)
+        flag = _text(obj, "difficult") or "0"
+        try:
+            is_difficult = bool(int(float(flag)))
+        except ValueError:
+            raise DatasetError(f"{where}: <difficult> is {flag!r}, expected 0 or 1") from None
+        boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])  # see the module docstring
+        labels.append(class_index[name])
+        difficult.append(is_difficult)
+    return _text(root, "filename"), boxes, labels, difficult
+
+
+class VOCDetection(DetectionDataset):
+    """A VOC folder. ``split``: split file relative to ``root``, or ``""`` for every XML in Annotations.
+
+    ``keep_difficult=False`` (training) drops boxes marked difficult; validation keeps them flagged in
+    ``target["difficult"]`` so the evaluator can ignore them. Labels are 1..K in ``class_names`` order;
+    ``category_ids`` are 1..K as well (VOC has no ids of its own)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        class_names: Sequence[str],
+        transforms: Transforms | None = None,
+        keep_difficult: bool = True,
+        channels: int = 3,
+    ) -> None:
+        super().__init__(class_names, transforms, channels, keep_difficult)
+        self.root = Path(root)
+        self.category_ids = list(range(1, len(self.class_names) + 1))
+        class_index = {name: i + 1 for i, name in enumerate(self.class_names)}
+        known = ", ".join(self.class_names)
+        ids = read_split(self.root, split)
+        if not ids:
+            raise DatasetError(f"{self.root / split if split else self.root / 'Annotations'}: no images listed")
+        images = DirIndex()
+        img_dir = self.root / "JPEGImages"
+        for idx, image_id in enumerate(ids):
+            xml_path = self.root / "Annotations" / f"{image_id}.xml"
+            filename, boxes, labels, difficult = parse_voc_xml(xml_path, class_index, known)
+            # <filename> is often stale in hand-made datasets (renamed files, missing extension), so it is
+            # only the first guess.
+            candidates = [img_dir / filename] if filename else []
+            candidates += [img_dir / f"{image_id}{suffix}" for suffix in _IMAGE_SUFFIXES]
+            path = next((c for c in candidates if images.exists(c)), None)
+            if path is None:
+                tried = ", ".join(c.name for c in candidates)
+                raise DatasetError(f"{xml_path}: image file missing (tried {img_dir}/ {tried})")
+            self.records.append(make_record(path, idx, boxes, labels, difficult))

@@ -1,0 +1,115 @@
+"""Checkpoints: ``accelerator.save_state`` on every process into a temp dir, renamed into place when whole.
+
+Layout under the run dir::
+
+    checkpoints/epoch_0010/      accelerate state (model, optimizer, scheduler, RNG of every process)
+                                 + trainer_state.json (written last: its presence marks a complete checkpoint)
+    checkpoints/last, best       one-line text files naming an epoch dir (pointers, no symlinks)
+
+A process killed mid-save leaves only ``.epoch_NNNN.tmp``, which is never read and is cleared next time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from accel_det.engine.distributed import write_json_atomic
+
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def epoch_dir_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def _write_pointer(path: Path, target: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(target + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file()
+
+
+def resolve_checkpoint(run_dir: Path, spec: str) -> Path | None:
+    """``spec``: 'last' / 'best' (pointers in the run dir), or a path to a checkpoint dir."""
+    root = run_dir / "checkpoints"
+    if spec in ("last", "best", "auto"):
+        pointer = root / ("last" if spec == "auto" else spec)
+        if not pointer.is_file():
+            if spec == "auto":
+                return None
+            raise CheckpointError(f"{pointer}: no '{spec}' checkpoint in {run_dir}")
+        path = root / pointer.read_text(encoding="utf-8").strip()
+    else:
+        path = Path(spec)
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable trainer state: {exc}") from None
+
+
+class Checkpointer:
+    def __init__(self, accelerator: Accelerator, run_dir: Path, keep_last: int) -> None:
+        self.accelerator = accelerator
+        self.root = run_dir / "checkpoints"
+        self.keep_last = keep_last
+
+    def save(self, epoch: int, trainer_state: dict[str, Any], is_best: bool) -> Path:
+        """Collective: every process must call it (save_state writes each process's RNG state)."""
+        acc = self.accelerator
+        name = epoch_dir_name(epoch)
+        final, tmp = self.root / name, self.root / f".{name}.tmp"
+        if acc.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_json_atomic(tmp / STATE_FILE, trainer_state)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_pointer(self.root / "last", name)
+            if is_best:
+                _write_pointer(self.root / "best", name)
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        keep = set()
+        for ptr in ("last", "best"):
+            p = self.root / ptr
+            if p.is_file():
+                keep.add(p.read_text(encoding="utf-8").strip())
+        epochs = sorted(p.name for p in self.root.glob("epoch_*") if p.is_dir())
+        keep.update(epochs[-self.keep_last:])
+        for name in epochs:
+            if name not in keep:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = read_trainer_state(path)
+        self.accelerator.load_state(str(path))
+        return state

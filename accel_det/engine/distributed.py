@@ -1,0 +1,118 @@
+"""Build the Accelerator from the recipe and the launcher, and refuse the silent failure modes.
+
+Traps guarded here (each one trains, but wrongly):
+- ``accelerate launch --multi_gpu --num_processes 2`` (or torchrun) on a machine without CUDA: unless the
+  script asks for ``Accelerator(cpu=True)``, accelerate picks no backend and every process trains alone,
+  N copies overwriting one run dir. With no GPU visible we always ask for ``cpu=True`` (gloo), and if the
+  launcher still asked for N > 1 processes but we got one, we stop.
+- ``gpu_train = true`` on a machine without a visible GPU: stop instead of silently training on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def launcher_world_size() -> int:
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def build_accelerator(recipe: Any, run_dir: Path | None = None, trackers: list[str] | None = None) -> Accelerator:
+    gpu = torch.cuda.is_available()
+    if recipe.train.gpu_train is True and not gpu:
+        raise LaunchError(
+            "train.gpu_train = true but no CUDA GPU is visible; set train.gpu_train = 'auto' (or false) "
+            "to train on the CPU"
+        )
+    cpu = recipe.train.gpu_train is False or not gpu
+    mp = None if recipe.train.mixed_precision == "auto" else recipe.train.mixed_precision
+    if cpu and (mp or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
+        raise LaunchError("fp16 mixed precision needs a GPU; on the CPU use train.mixed_precision = 'bf16' or 'no'")
+    if gpu and not cpu:
+        torch.backends.cudnn.benchmark = recipe.train.cudnn_benchmark
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mp,
+        gradient_accumulation_steps=recipe.train.accumulation_freq,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir)) if run_dir else None,
+        # a seedable sampler reshuffles from seed + epoch: epoch e sees the same order whether the run was
+        # resumed or not, and for every process count
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+    )
+    want = launcher_world_size()
+    if want > 1 and accelerator.num_processes != want:
+        raise LaunchError(
+            f"the launcher started {want} processes but the Accelerator joined {accelerator.num_processes}: "
+            "each would train alone and overwrite the same run dir. On a CPU machine launch with "
+            "`accelerate launch --config_file accelerate_configs/cpu_2proc.yaml` or "
+            "`torchrun --nproc_per_node N -m accel_det.train ...`; on GPUs check CUDA_VISIBLE_DEVICES"
+        )
+    return accelerator
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path.cwd()
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(accelerator: Accelerator, recipe: Any) -> dict[str, Any]:
+    import accelerate
+    import torchvision
+
+    import accel_det
+
+    per_process = recipe.data.batch_size
+    return {
+        "argv": sys.argv,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            "accel_det": accel_det.__version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "accelerate": accelerate.__version__,
+        },
+        "git_sha": _git_sha(),
+        "accelerate": {
+            "distributed_type": str(accelerator.distributed_type),
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "device": str(accelerator.device),
+            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+        },
+        "effective_batch": per_process * accelerator.num_processes * recipe.train.accumulation_freq,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write via a temp file + os.replace: a killed process never leaves half a JSON file behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,76 @@
+"""Distributed inference -> per-image records -> metrics on the main process.
+
+Every process runs its shard; ``gather_for_metrics`` drops the samples the sampler repeated to pad the last
+batch, so exactly ``len(val_set)`` images are scored for any process count. Metrics run on the main process
+only; the headline number is then broadcast so that every process takes the same "is best" decision (a
+checkpoint save is a collective).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch import nn
+
+
+def to_float_images(images: torch.Tensor) -> torch.Tensor:
+    # uint8 travels host->device (4x less than float); the cast happens on the device
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+@torch.inference_mode()
+def predict_records(model: nn.Module, loader: Any, accelerator: Accelerator) -> list[dict[str, Any]]:
+    """Run ``model`` over ``loader`` on every process; return all images' records (gathered, deduplicated)."""
+    was_training = model.training
+    model.eval()
+    records: list[dict[str, Any]] = []
+    for images, targets in loader:
+        x = to_float_images(images)
+        with accelerator.autocast():
+            outputs = model(x)
+        in_h, in_w = x.shape[-2:]
+        batch = []
+        for out, tgt in zip(outputs, targets):
+            h, w = (int(v) for v in tgt["orig_size"].tolist())
+            # undo the eval resize: scores are computed in original-image pixels
+            scale = torch.tensor([w / in_w, h / in_h, w / in_w, h / in_h], device=out["boxes"].device)
+            batch.append({
+                "image_id": int(tgt["image_id"]),
+                "height": h,
+                "width": w,
+                "gt_boxes": (tgt["boxes"].float() * scale).cpu().numpy(),
+                "gt_labels": tgt["labels"].cpu().numpy(),
+                "gt_ignore": tgt["difficult"].cpu().numpy().astype(bool),
+                "boxes": (out["boxes"].float() * scale).cpu().numpy(),
+                "scores": out["scores"].float().cpu().numpy(),
+                "labels": out["labels"].cpu().numpy(),
+            })
+        records.extend(accelerator.gather_for_metrics(batch, use_gather_object=True))
+    model.train(was_training)
+    return records
+
+
+def evaluate(
+    model: nn.Module, loader: Any, accelerator: Accelerator, recipe: Any
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], float | None]:
+    """Collective. Returns (metrics on main / None elsewhere, records on main / [] elsewhere, headline on all)."""
+    from accel_det.metrics import evaluate_records
+
+    records = predict_records(model, loader, accelerator)
+    result = None
+    if accelerator.is_main_process:
+        result = evaluate_records(
+            records,
+            recipe.data.class_names,
+            metric=recipe.eval.metric,
+            backend=recipe.eval.backend,
+            max_det=recipe.eval.max_det,
+        )
+    headline = [float(result[result["headline"]]) if result else float("nan")]
+    broadcast_object_list(headline, from_process=0)
+    value = headline[0]
+    return result, records if accelerator.is_main_process else [], None if np.isnan(value) else value

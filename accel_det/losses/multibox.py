@@ -1,0 +1,132 @@
+"""MultiBox loss (SSD, Liu et al. 2016 §2.2; FaceBoxes §3.4): match, encode, loc loss + mined CE.
+
+Inputs are the raw head outputs ``loc`` (N, P, 4) and ``conf`` (N, P, K+1) (class 0 = background),
+the priors (P, 4) normalised cx, cy, w, h, and targets with boxes already normalised xyxy in [0, 1].
+Both terms are summed and divided by the number of matched priors in the batch (clamped >= 1), as in
+the paper: the loss per positive, whatever the batch size or image content.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_iou
+
+from accel_det.models.box_coder import BoxCoder, cxcywh_to_xyxy
+
+
+def match(
+    gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor], priors: torch.Tensor, iou_thres: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assign every prior a ground-truth box (N, P, 4 xyxy) and a label (N, P; 0 = background).
+
+    A prior is positive when its best IoU with a box is >= ``iou_thres``; on top, the best prior of
+    every box is forced positive for that box (SSD's bipartite step), so a box whose best IoU is below
+    the threshold (a tiny or oddly shaped object) still gets a prior instead of being ignored.
+    Vectorised over the batch: one IoU matrix for all boxes, scattered into a padded (N, G, P) tensor.
+    """
+    n, p = len(gt_boxes), priors.shape[0]
+    device = priors.device
+    counts = [len(b) for b in gt_boxes]
+    g = max(counts, default=0)
+    matched = priors.new_zeros(n, p, 4)
+    labels = torch.zeros(n, p, dtype=torch.int64, device=device)
+    if g == 0:
+        return matched, labels
+    boxes = torch.cat(gt_boxes)  # (T, 4)
+    img = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(counts, device=device))
+    slot = torch.cat([torch.arange(c, device=device) for c in counts])
+    iou = priors.new_full((n, g, p), -1.0)  # padding slots never win a prior
+    iou[img, slot] = box_iou(boxes, cxcywh_to_xyxy(priors))
+    best_gt_iou, best_gt = iou.max(dim=1)  # (N, P): best box per prior
+    best_prior = iou[img, slot].argmax(dim=1)  # (T,): best prior per box
+    best_gt_iou[img, best_prior] = 2.0  # force, above any threshold
+    best_gt[img, best_prior] = slot
+    pad_boxes = priors.new_zeros(n, g, 4)
+    pad_boxes[img, slot] = boxes
+    pad_labels = torch.zeros(n, g, dtype=torch.int64, device=device)
+    pad_labels[img, slot] = torch.cat(gt_labels).to(device=device, dtype=torch.int64)
+    matched = torch.gather(pad_boxes, 1, best_gt.unsqueeze(-1).expand(n, p, 4))
+    labels = torch.gather(pad_labels, 1, best_gt)
+    labels[best_gt_iou < iou_thres] = 0
+    return matched, labels
+
+
+class MultiBoxLoss(nn.Module):
+    """Returns ``{"loss_loc", "loss_cls"}``; see the module docstring for the normalisation."""
+
+    def __init__(
+        self,
+        variance: tuple[float, float] = (0.1, 0.2),
+        match_iou: float = 0.35,
+        neg_pos_ratio: float = 3.0,
+        loc_loss: str = "smooth_l1",
+        loss_fp32: bool = True,
+        empty_negatives: int = 16,
+    ) -> None:
+        super().__init__()
+        if loc_loss not in ("smooth_l1", "l1"):
+            raise ValueError(f"loc_loss must be 'smooth_l1' or 'l1', got {loc_loss!r}")
+        self.coder = BoxCoder(variance)
+        self.match_iou = match_iou
+        self.neg_pos_ratio = neg_pos_ratio
+        self.loc_loss = loc_loss
+        self.loss_fp32 = loss_fp32
+        # SSD mines neg_pos_ratio * #pos negatives, i.e. none on an image without objects, which then
+        # teaches nothing about false positives; give such images a fixed small number instead.
+        self.empty_negatives = empty_negatives
+
+    def forward(
+        self,
+        loc: torch.Tensor,
+        conf: torch.Tensor,
+        priors: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        if self.loss_fp32:
+            # fp16 CE over ~20k priors and sums over the batch overflow / lose precision: leave
+            # autocast and compute the whole loss in fp32 (the seed's keep_loss_fp32).
+            with torch.autocast(device_type=loc.device.type, enabled=False):
+                return self._loss(loc.float(), conf.float(), priors.float(), targets)
+        return self._loss(loc, conf, priors, targets)
+
+    def _loss(
+        self, loc: torch.Tensor, conf: torch.Tensor, priors: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        boxes, labels = [], []
+        for t in targets:
+            b = t["boxes"].to(device=loc.device, dtype=priors.dtype).reshape(-1, 4)
+            # Degenerate boxes (zero width/height after a crop) would encode to log(0) = -inf.
+            keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+            boxes.append(b[keep])
+            labels.append(t["labels"].reshape(-1)[keep.to(t["labels"].device)])
+        with torch.no_grad():
+            matched, conf_t = match(boxes, labels, priors, self.match_iou)
+        pos = conf_t > 0  # (N, P)
+        num_pos = pos.sum(dim=1)  # (N,)
+        denom = num_pos.sum().clamp(min=1).to(loc.dtype)
+
+        # Localisation: only matched priors regress (the seed uses L1, SSD/FaceBoxes smooth L1).
+        loc_t = self.coder.encode(matched[pos], priors.expand_as(matched)[pos])
+        loss_fn = F.smooth_l1_loss if self.loc_loss == "smooth_l1" else F.l1_loss
+        loss_loc = loss_fn(loc[pos], loc_t, reduction="sum") / denom
+
+        # Classification with hard negative mining: rank the negatives of each image by their CE and
+        # keep the top neg_pos_ratio * #pos, so the ~1000:1 background imbalance does not swamp the loss.
+        k1 = conf.shape[-1]
+        ce = F.cross_entropy(conf.reshape(-1, k1), conf_t.reshape(-1), reduction="none").view_as(conf_t)
+        with torch.no_grad():
+            mining = ce.detach().masked_fill(pos, -1.0)  # positives never count as negatives
+            order = mining.argsort(dim=1, descending=True)
+            # rank of each prior in its image, via one scatter instead of a second argsort
+            rank = torch.empty_like(order).scatter_(
+                1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+            )
+            num_neg = torch.where(
+                num_pos > 0, (self.neg_pos_ratio * num_pos).long(), torch.full_like(num_pos, self.empty_negatives)
+            )
+            num_neg = torch.minimum(num_neg, pos.shape[1] - num_pos)
+            neg = rank < num_neg.unsqueeze(1)
+        loss_cls = ce[pos | neg].sum() / denom
+        return {"loss_loc": loss_loc, "loss_cls": loss_cls}
