@@ -82,3 +82,20 @@ def test_optimizers(name: str) -> None:
     opt = build_optimizer(nn.Linear(2, 2), r.optimizer)
     assert opt.param_groups[0]["lr"] == 0.01
     assert type(opt) is {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+
+
+def test_jump_to_step_equals_stepping() -> None:
+    from accel_det.optim import jump_to_step
+
+    r = load_recipe(None, ["scheduler.milestones=[1, 2]", "scheduler.warmup_iters=3", "train.max_epoch=3"])
+    opt = build_optimizer(nn.Linear(2, 2), r.optimizer)
+    sched = build_scheduler(opt, r.scheduler, 4, r.train.max_epoch)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    opt2 = build_optimizer(nn.Linear(2, 2), r.optimizer)
+    sched2 = build_scheduler(opt2, r.scheduler, 4, r.train.max_epoch)
+    jump_to_step(sched2, 6)
+    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
+    opt.step(); sched.step(); opt2.step(); sched2.step()  # noqa: E702
+    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())

@@ -37,15 +37,21 @@ def build_datasets(recipe: Recipe) -> tuple[DetectionDataset, DetectionDataset]:
         fmt = "voc"
     if fmt == "voc":
         return (
-            VOCDetection(root, data.train, names, train_tf, keep_difficult=data.keep_difficult, channels=model.channels),
+            VOCDetection(
+                root, data.train, names, train_tf, keep_difficult=data.keep_difficult, channels=model.channels
+            ),
             VOCDetection(root, data.val, names, val_tf, keep_difficult=True, channels=model.channels),
         )
     if fmt == "coco":
         # Crowd boxes are left out of training (torchvision's references do the same: a crowd box is one
         # box around many objects) but kept, flagged difficult, for the evaluator.
         return (
-            COCODetection(root / data.train, root / data.train_images, names, train_tf, model.channels, keep_crowd=False),
-            COCODetection(root / data.val, root / data.val_images, names, val_tf, model.channels, keep_crowd=True),
+            COCODetection(
+                root / data.train, root / data.train_images, names, train_tf, model.channels, keep_crowd=False
+            ),
+            COCODetection(
+                root / data.val, root / data.val_images, names, val_tf, model.channels, keep_crowd=True
+            ),
         )
     if fmt == "yolo":
         return (
@@ -56,18 +62,23 @@ def build_datasets(recipe: Recipe) -> tuple[DetectionDataset, DetectionDataset]:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader workers get distinct torch seeds (base seed + worker id) but inherit numpy's and
-    random's state from the parent: without this every worker draws the same numpy "random" numbers."""
+    """Seed numpy and random from the worker's torch seed (the loader's generator + worker id).
+
+    torch >= 1.9 does much the same on its own; stating it here keeps every worker's numpy/random draws
+    distinct and reproducible from ``train.seed`` whatever the torch version or multiprocessing start
+    method (forked workers otherwise all inherit the parent's numpy state)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
 
 
 def build_loaders(
-    recipe: Recipe, train_ds: DetectionDataset, val_ds: DetectionDataset, seed: int = 0
+    recipe: Recipe, train_ds: DetectionDataset, val_ds: DetectionDataset, seed: int | None = None
 ) -> tuple[DataLoader, DataLoader]:
-    """Plain DataLoaders; ``accelerator.prepare`` shards them across processes later."""
+    """Plain DataLoaders; ``accelerator.prepare`` shards them across processes later. ``seed`` (default
+    ``train.seed``) fixes the shuffle order of every epoch."""
     data = recipe.data
+    seed = recipe.train.seed if seed is None else seed
     workers = data.num_workers
     common = dict(
         num_workers=workers,
@@ -79,7 +90,9 @@ def build_loaders(
     )
     generator = torch.Generator()
     generator.manual_seed(seed)
-    train_loader = DataLoader(train_ds, batch_size=data.batch_size, shuffle=True, generator=generator, **common)
+    train_loader = DataLoader(
+        train_ds, batch_size=data.batch_size, shuffle=True, generator=generator, **common
+    )
     val_bs = recipe.eval.batch_size or data.batch_size
     val_loader = DataLoader(val_ds, batch_size=val_bs, shuffle=False, **common)
     return train_loader, val_loader

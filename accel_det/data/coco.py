@@ -36,7 +36,11 @@ def _category_map(path: Path, categories: list[Any], class_names: list[str]) -> 
     """COCO category id -> label 1..K, matched by name; every category and every class must match."""
     by_name: dict[str, int] = {}
     for i, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+        if (
+            not isinstance(cat, dict)
+            or not isinstance(cat.get("id"), int)
+            or not isinstance(cat.get("name"), str)
+        ):
             raise DatasetError(f"{path}: categories[{i}]: needs an integer 'id' and a string 'name'")
         if cat["name"] in by_name:
             raise DatasetError(f"{path}: categories[{i}]: duplicate category name {cat['name']!r}")
@@ -88,7 +92,9 @@ class COCODetection(DetectionDataset):
 
         per_image: list[tuple[list[list[float]], list[int], list[bool]]] = [([], [], []) for _ in files]
         for i, ann in enumerate(data.get("annotations") or []):
-            where = f"{self.ann_file}: annotation {i} (id {ann.get('id', '?') if isinstance(ann, dict) else '?'})"
+            where = (
+                f"{self.ann_file}: annotation {i} (id {ann.get('id', '?') if isinstance(ann, dict) else '?'})"
+            )
             if not isinstance(ann, dict):
                 raise DatasetError(f"{where}: not an object")
             if ann.get("image_id") not in order:
@@ -96,7 +102,11 @@ class COCODetection(DetectionDataset):
             if ann.get("category_id") not in cat_to_label:
                 raise DatasetError(f"{where}: unknown category_id {ann.get('category_id')!r}")
             bbox = ann.get("bbox")
-            if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            if (
+                not isinstance(bbox, list)
+                or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) for v in bbox)
+            ):
                 raise DatasetError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
             x, y, w, h = (float(v) for v in bbox)
             xyxy = [x, y, x + w, y + h]  # COCO boxes are already continuous 0-based pixels
@@ -107,8 +117,10 @@ class COCODetection(DetectionDataset):
             difficult.append(bool(ann.get("iscrowd", 0)) or bool(ann.get("ignore", 0)))
 
         images = DirIndex()
-        for (image_id, i), (boxes, labels, difficult) in zip(order.items(), per_image):
+        for (image_id, i), (boxes, labels, difficult) in zip(order.items(), per_image, strict=True):
             path = self.image_dir / files[i]
             if not images.exists(path):
-                raise DatasetError(f"{path}: image file missing (images[{i}] id {image_id} of {self.ann_file})")
+                raise DatasetError(
+                    f"{path}: image file missing (images[{i}] id {image_id} of {self.ann_file})"
+                )
             self.records.append(make_record(path, image_id, boxes, labels, difficult))

@@ -20,7 +20,9 @@ def collate_fn(batch: Sequence[tuple[Any, dict[str, Any]]]) -> Batch:
     """``[(image, target), ...]`` -> ``(uint8 (N, C, H, W), [target with plain tensors, ...])``."""
     shapes = {tuple(image.shape) for image, _ in batch}
     if len(shapes) > 1:
-        raise ValueError(f"images of one batch differ in shape {sorted(shapes)}: resize them to one size first")
+        raise ValueError(
+            f"images of one batch differ in shape {sorted(shapes)}: resize them to one size first"
+        )
     images = torch.stack([_plain(image) for image, _ in batch])
     targets = [
         {

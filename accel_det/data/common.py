@@ -40,7 +40,9 @@ def load_image(path: str | Path, channels: int = 3) -> tv_tensors.Image:
             # Phone photos store pixels unrotated plus an Orientation tag; annotations (and people) see the
             # rotated picture, so rotate before anything reads the size.
             img = ImageOps.exif_transpose(img)
-            if img.mode == "P":
+            if img.mode.startswith("I"):
+                img = _sixteen_to_eight_bit(img)
+            elif img.mode == "P":
                 # Palette images with a transparent index warn when converted straight to RGB.
                 img = img.convert("RGBA")
             img = img.convert("L" if channels == 1 else "RGB")  # gray/RGBA/CMYK/16-bit -> 8-bit L or RGB
@@ -49,6 +51,15 @@ def load_image(path: str | Path, channels: int = 3) -> tv_tensors.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot read image: {exc}") from None
     return tv_tensors.Image(F.pil_to_tensor(img))
+
+
+def _sixteen_to_eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit gray (PNG/TIFF from thermal or medical cameras; Pillow opens them as "I;16" or "I"):
+    PIL's convert would clip everything above 255 to white, so scale the 16-bit range down instead."""
+    pixels = np.asarray(img).astype(np.int64)
+    if img.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+        pixels = pixels // 257
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
 
 
 class DirIndex:

@@ -59,7 +59,9 @@ def _outline(kind: str, size: float, rng: np.random.Generator) -> np.ndarray:
         t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
         return np.stack([np.cos(t), np.sin(t)], 1) * size / 2
     if kind == "square":
-        angle = rng.uniform(-math.pi / 8, math.pi / 8)  # tilted a little: a 45 degree square reads as a diamond
+        angle = rng.uniform(
+            -math.pi / 8, math.pi / 8
+        )  # tilted a little: a 45 degree square reads as a diamond
         t = angle + np.arange(4) * math.pi / 2 + math.pi / 4
         return np.stack([np.cos(t), np.sin(t)], 1) * size / math.sqrt(2)
     t = rng.uniform(0, 2 * math.pi) + np.arange(3) * 2 * math.pi / 3  # equilateral, any rotation
@@ -74,9 +76,11 @@ def _contrasting_colour(base: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return 255.0 - base
 
 
-def render(index: int, cfg: SyntheticConfig) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int]]]]:
+def render(
+    index: int, cfg: SyntheticConfig
+) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int]]]]:
     """Image ``index`` as HxWx3 uint8 and its objects: (class, 0-based inclusive pixel box x0, y0, x1, y1)."""
-    rng = np.random.default_rng([cfg.seed, index])
+    rng = np.random.default_rng([cfg.seed % 2**64, index])  # SeedSequence wants non-negative
     s = cfg.img_size
     yy, xx = np.mgrid[0:s, 0:s] / max(s - 1, 1)
     base = rng.uniform(30, 225, 3)
@@ -106,7 +110,9 @@ def render(index: int, cfg: SyntheticConfig) -> tuple[np.ndarray, list[tuple[str
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), objects
 
 
-def voc_xml(image_id: str, filename: str, size: int, objects: list[tuple[str, tuple[int, int, int, int]]]) -> bytes:
+def voc_xml(
+    image_id: str, filename: str, size: int, objects: list[tuple[str, tuple[int, int, int, int]]]
+) -> bytes:
     """A VOC annotation. Pixel boxes are 0-based inclusive; VOC wants 1-based inclusive, hence +1
     (``voc.py`` reads xmin-1, ymin-1, xmax, ymax: the continuous box covering exactly those pixels)."""
     ann = ET.Element("annotation")
@@ -135,8 +141,12 @@ def _write(tmp: Path, cfg: SyntheticConfig) -> None:
     ids = [f"{i:06d}" for i in range(cfg.num_train + cfg.num_val)]
     for i, image_id in enumerate(ids):
         pixels, objects = render(i, cfg)
-        Image.fromarray(pixels, "RGB").save(tmp / "JPEGImages" / f"{image_id}.png", format="PNG", compress_level=1)
-        (tmp / "Annotations" / f"{image_id}.xml").write_bytes(voc_xml(image_id, f"{image_id}.png", cfg.img_size, objects))
+        Image.fromarray(pixels, "RGB").save(
+            tmp / "JPEGImages" / f"{image_id}.png", format="PNG", compress_level=1
+        )
+        (tmp / "Annotations" / f"{image_id}.xml").write_bytes(
+            voc_xml(image_id, f"{image_id}.png", cfg.img_size, objects)
+        )
     (tmp / "ImageSets/Main/train.txt").write_text("".join(f"{x}\n" for x in ids[: cfg.num_train]))
     (tmp / "ImageSets/Main/val.txt").write_text("".join(f"{x}\n" for x in ids[cfg.num_train :]))
     (tmp / STAMP).write_text(json.dumps(stamp_for(cfg), indent=2, sort_keys=True) + "\n")  # last: "complete"
@@ -157,7 +167,8 @@ def _publish(tmp: Path, root: Path, cfg: SyntheticConfig) -> None:
         if not (root / STAMP).exists():
             shutil.rmtree(tmp, ignore_errors=True)
             raise DatasetError(
-                f"{root}: exists and is not a synthetic dataset (no {STAMP}); remove it or choose another data.root"
+                f"{root}: exists and is not a synthetic dataset (no {STAMP}); "
+                "remove it or choose another data.root"
             )
         trash = root.with_name(f".{root.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:

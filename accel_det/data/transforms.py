@@ -67,7 +67,9 @@ def build_transforms(train: bool, img_dim: int, augments: Sequence[str], channel
     needs them all (and flags, not drops, difficult ones)."""
     unknown = [a for a in augments if a not in AUGMENT_ORDER]
     if unknown:
-        raise ValueError(f"unknown augment(s) {', '.join(map(repr, unknown))}; known: {', '.join(AUGMENT_ORDER)}")
+        raise ValueError(
+            f"unknown augment(s) {', '.join(map(repr, unknown))}; known: {', '.join(AUGMENT_ORDER)}"
+        )
     steps: list[nn.Module] = []
     if train:
         steps += [_augment(name, channels) for name in AUGMENT_ORDER if name in augments]

@@ -58,7 +58,7 @@ def parse_voc_xml(
     boxes: list[list[float]] = []
     labels: list[int] = []
     difficult: list[bool] = []
-    for i, obj in enumerate(root.iter("object"), start=1):
+    for i, obj in enumerate(root.findall("object"), start=1):
         where = f"{xml_path}: object {i}"
         name = _text(obj, "name")
         if not name:
@@ -108,7 +108,9 @@ class VOCDetection(DetectionDataset):
         known = ", ".join(self.class_names)
         ids = read_split(self.root, split)
         if not ids:
-            raise DatasetError(f"{self.root / split if split else self.root / 'Annotations'}: no images listed")
+            raise DatasetError(
+                f"{self.root / split if split else self.root / 'Annotations'}: no images listed"
+            )
         images = DirIndex()
         img_dir = self.root / "JPEGImages"
         for idx, image_id in enumerate(ids):

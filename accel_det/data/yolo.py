@@ -12,7 +12,15 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import IMAGE_SUFFIXES, DatasetError, DetectionDataset, DirIndex, Transforms, check_box, make_record
+from .common import (
+    IMAGE_SUFFIXES,
+    DatasetError,
+    DetectionDataset,
+    DirIndex,
+    Transforms,
+    check_box,
+    make_record,
+)
 
 
 def label_path(image: Path) -> Path:
@@ -74,7 +82,9 @@ def parse_label_file(path: Path, num_classes: int) -> tuple[list[list[float]], l
             continue
         where = f"{path}:{n}"
         if len(fields) < 5 or (len(fields) > 5 and len(fields) % 2 == 0):
-            raise DatasetError(f"{where}: expected 'cls cx cy w h' (or 'cls x1 y1 x2 y2 ...'), got {line.strip()!r}")
+            raise DatasetError(
+                f"{where}: expected 'cls cx cy w h' (or 'cls x1 y1 x2 y2 ...'), got {line.strip()!r}"
+            )
         try:
             values = [float(v) for v in fields]
         except ValueError:
@@ -117,4 +127,6 @@ class YOLODetection(DetectionDataset):
         self.category_ids = list(range(len(self.class_names)))
         for idx, image in enumerate(list_images(self.root, split)):
             boxes, labels = parse_label_file(label_path(image), len(self.class_names))
-            self.records.append(make_record(image, idx, boxes, labels, [False] * len(labels), normalized=True))
+            self.records.append(
+                make_record(image, idx, boxes, labels, [False] * len(labels), normalized=True)
+            )

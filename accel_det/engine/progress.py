@@ -20,6 +20,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from accel_det.engine.distributed import strict_json
+
 
 class RunLog:
     def __init__(self, accelerator: Accelerator, run_dir: Path) -> None:
@@ -27,7 +29,8 @@ class RunLog:
         self.main = accelerator.is_main_process
         self.log_path = run_dir / "log.txt"
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.console = Console(stderr=False, highlight=False)
+        # soft_wrap: a plain log line stays one line when stdout is a file or a pipe
+        self.console = Console(stderr=False, highlight=False, soft_wrap=True)
 
     def info(self, msg: str) -> None:
         if not self.main:
@@ -48,7 +51,7 @@ class RunLog:
             return
         record = {"time": round(time.time(), 3), **record}
         with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+            f.write(json.dumps(strict_json(record), default=_jsonable) + "\n")
         if self.accelerator.trackers:
             kind = record.get("event", "log")
             scalars = {

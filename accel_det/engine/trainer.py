@@ -21,7 +21,7 @@ from accel_det.engine.evaluator import to_float_images
 from accel_det.engine.hooks import CheckpointHook, Context, EvalHook, Hook, TrainState
 from accel_det.engine.progress import RunLog, TrainProgress
 from accel_det.models import build_model
-from accel_det.optim import build_optimizer, build_scheduler
+from accel_det.optim import build_optimizer, build_scheduler, jump_to_step
 
 
 class TrainingError(RuntimeError):
@@ -80,9 +80,9 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     accum = recipe.train.accumulation_freq
     steps_per_epoch = math.ceil(len(train_loader) / accum)
-    # not passed to prepare(): its wrapper would step num_processes times per optimizer step
+    # Not passed to prepare(): its wrapper would step num_processes times per optimizer step. Not saved in
+    # checkpoints either: the LR is a pure function of global_step, rebuilt from the recipe on resume.
     scheduler = build_scheduler(optimizer, recipe.scheduler, steps_per_epoch, recipe.train.max_epoch)
-    accelerator.register_for_checkpointing(scheduler)
 
     state = TrainState()
     checkpointer = Checkpointer(accelerator, run_dir, recipe.output.keep_last)
@@ -90,6 +90,7 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
         saved = checkpointer.load(resume_path)
         state.epoch, state.global_step = int(saved["epoch"]), int(saved["global_step"])
         state.best_metric, state.best_epoch = saved.get("best_metric"), saved.get("best_epoch")
+        jump_to_step(scheduler, state.global_step)
         log.info(f"resumed from {resume_path} (epoch {state.epoch}, step {state.global_step})")
         if saved.get("num_processes") not in (None, accelerator.num_processes):
             log.info(f"note: checkpoint had {saved['num_processes']} processes, now "

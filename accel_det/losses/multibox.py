@@ -92,7 +92,11 @@ class MultiBoxLoss(nn.Module):
         return self._loss(loc, conf, priors, targets)
 
     def _loss(
-        self, loc: torch.Tensor, conf: torch.Tensor, priors: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+        self,
+        loc: torch.Tensor,
+        conf: torch.Tensor,
+        priors: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
         boxes, labels = [], []
         for t in targets:
@@ -124,7 +128,9 @@ class MultiBoxLoss(nn.Module):
                 1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
             )
             num_neg = torch.where(
-                num_pos > 0, (self.neg_pos_ratio * num_pos).long(), torch.full_like(num_pos, self.empty_negatives)
+                num_pos > 0,
+                (self.neg_pos_ratio * num_pos).long(),
+                torch.full_like(num_pos, self.empty_negatives),
             )
             num_neg = torch.minimum(num_neg, pos.shape[1] - num_pos)
             neg = rank < num_neg.unsqueeze(1)

@@ -51,7 +51,9 @@ def check_records(records: Sequence[Record], num_classes: int) -> list[dict[str,
             raise ValueError(f"image_id {image_id}: boxes/scores/labels lengths differ")
         for name, lab in (("gt_labels", gt_labels), ("labels", labels)):
             if lab.size and (lab.min() < 1 or lab.max() > num_classes):
-                raise ValueError(f"image_id {image_id}: {name} must be in 1..{num_classes}, got {lab.tolist()}")
+                raise ValueError(
+                    f"image_id {image_id}: {name} must be in 1..{num_classes}, got {lab.tolist()}"
+                )
         out.append(
             {
                 "image_id": image_id,
@@ -89,7 +91,7 @@ def coco_results(records: Sequence[Record], category_ids: Sequence[int]) -> list
         image_id = rec["image_id"]
         out.extend(
             {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
-            for c, b, s in zip(cats, bbox, rec["scores"].tolist())
+            for c, b, s in zip(cats, bbox, rec["scores"].tolist(), strict=True)
         )
     return out
 
@@ -114,7 +116,7 @@ def coco_ground_truth(
         xywh = _xywh(rec["gt_boxes"])
         areas = (xywh[:, 2] * xywh[:, 3]).tolist()
         for b, a, c, crowd in zip(
-            xywh.tolist(), areas, cat[rec["gt_labels"] - 1].tolist(), rec["gt_ignore"].tolist()
+            xywh.tolist(), areas, cat[rec["gt_labels"] - 1].tolist(), rec["gt_ignore"].tolist(), strict=True
         ):
             annotations.append(
                 {
@@ -126,7 +128,7 @@ def coco_ground_truth(
                     "iscrowd": int(crowd),
                 }
             )
-    categories = [{"id": int(i), "name": str(n)} for i, n in zip(ids, class_names)]
+    categories = [{"id": int(i), "name": str(n)} for i, n in zip(ids, class_names, strict=True)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
@@ -179,7 +181,13 @@ def build_coco(gt_dict: dict[str, Any], results: list[dict[str, Any]], backend: 
 
 
 def run_cocoeval(coco_gt: Any, coco_dt: Any, backend: str, max_det: int) -> Any:
-    """evaluate() + accumulate() with ``maxDets = [1, 10, max_det]``; returns the COCOeval object."""
+    """evaluate() + accumulate() with ``maxDets = [1, 10, max_det]``; returns the COCOeval object.
+
+    For ``max_det < 10`` the middle entry becomes ``max_det``: both backends sort maxDets and score at most
+    its last entry per image and class, so ``[1, 10, 5]`` would quietly compute AP at 10 detections and
+    report AR@5 in the AR@10 slot. ``[1, max_det, max_det]`` keeps AP at ``max_det`` and "AR10" becomes
+    AR@max_det, the most detections that were kept.
+    """
     with contextlib.redirect_stdout(io.StringIO()):
         if backend == "faster_coco_eval":
             from faster_coco_eval import COCOeval_faster
@@ -189,7 +197,7 @@ def run_cocoeval(coco_gt: Any, coco_dt: Any, backend: str, max_det: int) -> Any:
             from pycocotools.cocoeval import COCOeval
 
             ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        ev.params.maxDets = [1, 10, max_det]
+        ev.params.maxDets = [1, min(10, max_det), max_det]
         ev.evaluate()
         ev.accumulate()
     return ev
@@ -253,13 +261,12 @@ def coco_evaluate(
 ) -> dict[str, Any]:
     """COCO bbox AP/AR of the records' predictions against their ground truth.
 
-    Categories are 1..K named by ``class_names``. Returns the 12 stats (``AR{max_det}`` names the third AR),
+    Categories are 1..K named by ``class_names``. Returns the 12 stats (``AR{max_det}`` names the third AR;
+    with ``max_det <= 10`` it is also ``AR10``),
     ``per_class``, counts, the backend used and ``"headline": "AP"``; every number is a plain float.
     """
-    if max_det < 10:
-        # COCO reports AR@1 and AR@10 below AR@max_det; faster-coco-eval sorts maxDets, pycocotools does
-        # not, so a smaller max_det would give different numbers per backend.
-        raise ValueError(f"max_det must be >= 10 for COCO evaluation, got {max_det}")
+    if max_det < 1:
+        raise ValueError(f"max_det must be >= 1, got {max_det}")
     name = resolve_backend(backend)
     gt_dict = coco_ground_truth(records, class_names)
     results = coco_results(records, list(range(1, len(class_names) + 1)))

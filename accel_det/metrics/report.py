@@ -28,7 +28,11 @@ def summary_keys(result: Mapping[str, Any]) -> list[str]:
     if result.get("headline") == "AP":
         max_det = result.get("max_det")
         ar_max = f"AR{max_det}" if max_det is not None else None
-        keys = [*_COCO_SUMMARY, *([ar_max] if ar_max and ar_max not in _COCO_SUMMARY else []), *_COCO_SUMMARY_TAIL]
+        keys = [
+            *_COCO_SUMMARY,
+            *([ar_max] if ar_max and ar_max not in _COCO_SUMMARY else []),
+            *_COCO_SUMMARY_TAIL,
+        ]
         return [k for k in keys if k in result]
     head = str(result.get("headline", "mAP"))
     return [head] if head in result else []

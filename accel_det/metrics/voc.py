@@ -88,35 +88,44 @@ def voc_evaluate(
     (the devkit would divide by zero there).
     """
     recs = check_records(records, len(class_names))
+    num_classes = len(class_names)
+    n_pos = np.zeros(num_classes + 1, dtype=np.int64)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # scores, labels, tp, fp
+    for r in recs:
+        gl, difficult = r["gt_labels"], r["gt_ignore"]
+        n_pos += np.bincount(gl[~difficult], minlength=num_classes + 1)
+        if not len(r["scores"]):
+            continue
+        # Detections grouped by label, each group in descending score order (lexsort is stable, so tied
+        # scores keep their input order here and in the global ranking below). A detection of a class
+        # with no gt in this image is a FP; only the classes present in the gt need matching.
+        order = np.lexsort((-r["scores"], r["labels"]))
+        labels, boxes = r["labels"][order], r["boxes"][order]
+        tp = np.zeros(len(order), dtype=bool)
+        fp = np.ones(len(order), dtype=bool)
+        for k in np.unique(gl):
+            lo, hi = np.searchsorted(labels, [k, k + 1])
+            if lo < hi:
+                gmask = gl == k
+                tp[lo:hi], fp[lo:hi] = _match_image(
+                    boxes[lo:hi], r["gt_boxes"][gmask], difficult[gmask], iou_thresh
+                )
+        parts.append((r["scores"][order], labels, tp, fp))
+
+    if parts:
+        scores, labels, tp, fp = (np.concatenate(x) for x in zip(*parts, strict=True))
+        rank = np.argsort(-scores, kind="stable")
+        labels, tp, fp = labels[rank], tp[rank], fp[rank]
+    else:
+        labels, tp, fp = np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool)
     per_class: dict[str, float] = {}
-    num_gt = 0
     for k, name in enumerate(class_names, start=1):
-        n_pos = 0
-        scores, tps, fps = [], [], []
-        for r in recs:
-            gmask = r["gt_labels"] == k
-            difficult = r["gt_ignore"][gmask]
-            n_pos += int((~difficult).sum())
-            dmask = r["labels"] == k
-            if not dmask.any():
-                continue
-            s = r["scores"][dmask]
-            order = np.argsort(-s, kind="stable")
-            tp, fp = _match_image(r["boxes"][dmask][order], r["gt_boxes"][gmask], difficult, iou_thresh)
-            scores.append(s[order])
-            tps.append(tp)
-            fps.append(fp)
-        num_gt += n_pos
-        if n_pos == 0:
+        if n_pos[k] == 0:
             per_class[str(name)] = float("nan")
             continue
-        if scores:
-            order = np.argsort(-np.concatenate(scores), kind="stable")
-            tp_cum = np.cumsum(np.concatenate(tps)[order])
-            fp_cum = np.cumsum(np.concatenate(fps)[order])
-        else:
-            tp_cum = fp_cum = np.zeros(0)
-        rec = tp_cum / n_pos
+        mine = labels == k
+        tp_cum, fp_cum = np.cumsum(tp[mine]), np.cumsum(fp[mine])
+        rec = tp_cum / n_pos[k]
         prec = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
         per_class[str(name)] = voc_ap(rec, prec, use_07_metric)
     valid = [v for v in per_class.values() if not np.isnan(v)]
@@ -126,7 +135,7 @@ def voc_evaluate(
         "metric": "voc07" if use_07_metric else "voc12",
         "iou_thresh": float(iou_thresh),
         "num_images": len(recs),
-        "num_gt": num_gt,
+        "num_gt": int(n_pos.sum()),
         "num_detections": int(sum(len(r["scores"]) for r in recs)),
         "headline": "mAP",
     }

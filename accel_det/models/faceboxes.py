@@ -91,9 +91,11 @@ class FaceBoxesNet(nn.Module):
         self.conv4_1 = BasicConv2d(256, 128, 1)
         self.conv4_2 = BasicConv2d(128, 256, 3, stride=2, padding=1)
         cins = (128, 256, 256)
-        self.loc = nn.ModuleList(nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(cins, num_anchors))
+        self.loc = nn.ModuleList(
+            nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(cins, num_anchors, strict=True)
+        )
         self.conf = nn.ModuleList(
-            nn.Conv2d(c, a * (num_classes + 1), 3, padding=1) for c, a in zip(cins, num_anchors)
+            nn.Conv2d(c, a * (num_classes + 1), 3, padding=1) for c, a in zip(cins, num_anchors, strict=True)
         )
 
     def classification_convs(self) -> list[nn.Conv2d]:
@@ -106,8 +108,10 @@ class FaceBoxesNet(nn.Module):
         s2 = self.conv3_2(self.conv3_1(s1))
         s3 = self.conv4_2(self.conv4_1(s2))
         feats = (s1, s2, s3)
-        loc = flatten_heads([head(f) for head, f in zip(self.loc, feats)], 4)
-        conf = flatten_heads([head(f) for head, f in zip(self.conf, feats)], self.num_classes + 1)
+        loc = flatten_heads([head(f) for head, f in zip(self.loc, feats, strict=True)], 4)
+        conf = flatten_heads(
+            [head(f) for head, f in zip(self.conf, feats, strict=True)], self.num_classes + 1
+        )
         return loc, conf
 
 

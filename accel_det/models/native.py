@@ -93,16 +93,24 @@ class AnchorDetector(nn.Module):
         self.postprocess = postprocess
         self.channels = channels
         if mean is None or std is None:
-            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+            mean, std = (
+                (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+            )
         # non-persistent: checkpoints hold only learned weights, and old ones keep loading
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     def _batch(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         if not isinstance(images, torch.Tensor):
             sizes = {tuple(im.shape) for im in images}
             if len(sizes) != 1:
-                raise ValueError(f"native models need same-size images (resize to img_dim first), got {sizes}")
+                raise ValueError(
+                    f"native models need same-size images (resize to img_dim first), got {sizes}"
+                )
             images = torch.stack(list(images))
         if images.dim() != 4 or images.shape[1] != self.channels:
             raise ValueError(f"expected images (N, {self.channels}, H, W), got {tuple(images.shape)}")
@@ -121,8 +129,8 @@ class AnchorDetector(nn.Module):
         priors = self.priors(h, w, device=x.device)
         if loc.shape[1] != priors.shape[0]:
             raise RuntimeError(
-                f"net predicts {loc.shape[1]} boxes at {h}x{w} but the anchors give {priors.shape[0]} priors: "
-                "do model.anchors' steps match the net's feature strides?"
+                f"net predicts {loc.shape[1]} boxes at {h}x{w} but the anchors give {priors.shape[0]} "
+                "priors: do model.anchors' steps match the net's feature strides?"
             )
         if not self.training:
             return self.postprocess(loc, conf, priors, (h, w))
@@ -158,7 +166,8 @@ def build_anchor_detector(
     net = make_net(priors.num_anchors())
     if list(net.strides) != list(anchors.steps):
         raise ValueError(
-            f"model.anchors.steps = {list(anchors.steps)} but {m.name} has feature strides {list(net.strides)}"
+            f"model.anchors.steps = {list(anchors.steps)} but {m.name} has feature strides "
+            f"{list(net.strides)}"
         )
     init_weights(net, m.init)
     for conv in net.classification_convs():

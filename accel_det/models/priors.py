@@ -46,7 +46,7 @@ class PriorBox(nn.Module):
     def num_anchors(self) -> list[int]:
         """Anchors per cell of each feature map: what each head's conv must predict."""
         out = []
-        for sizes, step, ratios in zip(self.min_sizes, self.steps, self.aspect_ratios):
+        for sizes, step, ratios in zip(self.min_sizes, self.steps, self.aspect_ratios, strict=True):
             shapes = 1 + 2 * len(ratios)  # each ratio r adds r and 1/r
             out.append(sum(densify_factor(s, step, self.densify) ** 2 * shapes for s in sizes))
         return out
@@ -69,7 +69,10 @@ class PriorBox(nn.Module):
             offs = [i / n for i in range(n)] if n > 1 else [0.5]
             shapes = [(size, size)]
             for r in self.aspect_ratios[k]:
-                shapes += [(size * math.sqrt(r), size / math.sqrt(r)), (size / math.sqrt(r), size * math.sqrt(r))]
+                shapes += [
+                    (size * math.sqrt(r), size / math.sqrt(r)),
+                    (size / math.sqrt(r), size * math.sqrt(r)),
+                ]
             for oy in offs:
                 for ox in offs:
                     rows += [(ox, oy, w, h) for w, h in shapes]

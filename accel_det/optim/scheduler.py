@@ -80,3 +80,16 @@ def build_scheduler(
         warmup_method=cfg.warmup_method,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def jump_to_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a freshly built schedule at optimizer step ``step`` (after a resume).
+
+    The schedule is rebuilt from the recipe rather than restored from the checkpoint, so extending
+    ``train.max_epoch`` or moving milestones on resume takes effect (LambdaLR's own state_dict would
+    silently bring back the old ones); the LR is a pure function of the step, so nothing else is needed.
+    """
+    scheduler.last_epoch = step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

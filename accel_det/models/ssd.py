@@ -1,0 +1,174 @@
+"""SSD-lite detectors (Sandler et al. 2018 §6.3: SSD with depthwise-separable heads) on torchvision
+backbones built with ``weights=None`` (never a download; local weights are loaded by models/weights.py).
+
+Feature maps at strides 8/16/32 from the backbone plus one extra block at stride 64: at img_dim 128-160
+that is 16x16 ... 2x2 (20x20 ... 3x3), enough for objects from ~10 px to the whole image, and the
+extra layers torchvision's SSD300 stacks down to 1x1 would only cost time on such small inputs.
+Backbone submodules keep torchvision's names: ``net.backbone.`` + a torchvision state-dict key
+(``features.*`` of MobileNetV3, ``conv1``/``layer*`` of ResNet-18; their classifiers are dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v3_large, mobilenet_v3_small, resnet18
+from torchvision.ops.misc import Conv2dNormActivation
+
+from accel_det.config import AnchorConfig, Recipe
+from accel_det.models.base import MODELS
+from accel_det.models.native import AnchorDetector, build_anchor_detector, flatten_heads
+
+# Default anchor sizes as fractions of img_dim, per feature map (strides 8, 16, 32, 64), each with
+# aspect ratios 2 and 1/2. Consecutive sizes differ by <= 1.7x, so any square object overlaps some
+# square prior with IoU >= 1/1.7^2 = 0.35 (model.match_iou's default) before position error.
+SSD_SIZE_FRACTIONS = ((0.08, 0.14), (0.22, 0.32), (0.45, 0.6), (0.78, 0.95))
+SSD_STEPS = (8, 16, 32, 64)
+
+
+def default_ssd_anchors(img_dim: int) -> AnchorConfig:
+    """Anchors scaled with img_dim (at 128: 10/18, 28/41, 58/77, 100/122 px; 6 priors per cell).
+    No densification: these anchors are already >= 1.25x their stride."""
+    sizes = [[round(f * img_dim, 1) for f in level] for level in SSD_SIZE_FRACTIONS]
+    return AnchorConfig(
+        min_sizes=sizes, steps=list(SSD_STEPS), aspect_ratios=[[2.0]] * len(SSD_STEPS), densify=False
+    )
+
+
+def _norm(c: int) -> nn.Module:
+    # torchvision's SSDlite BN settings: small eps/momentum suit the small per-device batches
+    return nn.BatchNorm2d(c, eps=0.001, momentum=0.03)
+
+
+def separable_head(cin: int, cout: int) -> nn.Sequential:
+    """SSDLite prediction layer: depthwise 3x3 + BN + ReLU6, then a pointwise 1x1 to the outputs."""
+    return nn.Sequential(
+        Conv2dNormActivation(cin, cin, 3, groups=cin, norm_layer=_norm, activation_layer=nn.ReLU6),
+        nn.Conv2d(cin, cout, 1),
+    )
+
+
+def extra_block(cin: int, cout: int) -> nn.Sequential:
+    """Downsample 2x cheaply: 1x1 reduce, depthwise 3x3 stride 2, 1x1 expand (torchvision ssdlite)."""
+    mid = cout // 2
+    return nn.Sequential(
+        Conv2dNormActivation(cin, mid, 1, norm_layer=_norm, activation_layer=nn.ReLU6),
+        Conv2dNormActivation(mid, mid, 3, stride=2, groups=mid, norm_layer=_norm, activation_layer=nn.ReLU6),
+        Conv2dNormActivation(mid, cout, 1, norm_layer=_norm, activation_layer=nn.ReLU6),
+    )
+
+
+class MobileNetV3Taps(nn.Module):
+    """MobileNetV3 ``features`` returning the last block at strides 8, 16 and 32."""
+
+    # index of the last block of each stride in torchvision's features (checked by the tests)
+    TAPS = {"large": (6, 12, 16), "small": (3, 8, 12)}
+
+    def __init__(self, arch: str = "large", channels: int = 3) -> None:
+        super().__init__()
+        body = (mobilenet_v3_large if arch == "large" else mobilenet_v3_small)(weights=None)
+        self.features = body.features
+        if channels != 3:
+            stem = self.features[0][0]
+            self.features[0][0] = nn.Conv2d(channels, stem.out_channels, 3, stride=2, padding=1, bias=False)
+        self.taps = self.TAPS[arch]
+        self.features = self.features[: self.taps[-1] + 1]
+        self.out_channels = [self.features[i].out_channels for i in self.taps]
+        self.strides = [8, 16, 32]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for i, block in enumerate(self.features):
+            x = block(x)
+            if i in self.taps:
+                outs.append(x)
+        return outs
+
+
+class ResNet18Taps(nn.Module):
+    """ResNet-18 returning layer2/3/4 (strides 8, 16, 32); no avgpool/fc (unused params upset DDP)."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        body = resnet18(weights=None)
+        self.conv1 = (
+            body.conv1 if channels == 3 else nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
+        )
+        self.bn1, self.relu, self.maxpool = body.bn1, body.relu, body.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            body.layer1,
+            body.layer2,
+            body.layer3,
+            body.layer4,
+        )
+        self.out_channels = [128, 256, 512]
+        self.strides = [8, 16, 32]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        c3 = self.layer2(x)
+        c4 = self.layer3(c3)
+        return [c3, c4, self.layer4(c4)]
+
+
+class SSDLiteNet(nn.Module):
+    """Backbone taps + extra blocks + separable heads -> (loc (N, P, 4), conf (N, P, K+1))."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        num_anchors: list[int],
+        extra_channels: Sequence[int] = (256,),
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        chans = list(backbone.out_channels)
+        self.strides = list(backbone.strides)
+        self.extras = nn.ModuleList()
+        for c in extra_channels:
+            self.extras.append(extra_block(chans[-1], c))
+            chans.append(c)
+            self.strides.append(self.strides[-1] * 2)
+        if len(num_anchors) != len(chans):
+            raise ValueError(
+                f"this SSD-lite has {len(chans)} feature maps; the anchors define {len(num_anchors)}"
+            )
+        self.loc = nn.ModuleList(separable_head(c, a * 4) for c, a in zip(chans, num_anchors, strict=True))
+        self.conf = nn.ModuleList(
+            separable_head(c, a * (num_classes + 1)) for c, a in zip(chans, num_anchors, strict=True)
+        )
+
+    def classification_convs(self) -> list[nn.Conv2d]:
+        return [head[-1] for head in self.conf]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.backbone(x)
+        for block in self.extras:
+            feats.append(block(feats[-1]))
+        loc = flatten_heads([head(f) for head, f in zip(self.loc, feats, strict=True)], 4)
+        conf = flatten_heads(
+            [head(f) for head, f in zip(self.conf, feats, strict=True)], self.num_classes + 1
+        )
+        return loc, conf
+
+
+def _build(recipe: Recipe, make_backbone: Callable[[int], nn.Module]) -> AnchorDetector:
+    anchors = recipe.model.anchors or default_ssd_anchors(recipe.model.img_dim)
+    k, c = recipe.num_classes, recipe.model.channels
+    return build_anchor_detector(recipe, lambda na: SSDLiteNet(make_backbone(c), k, na), anchors)
+
+
+@MODELS.register("ssdlite_mobilenet_v3")
+def build_ssdlite_mobilenet_v3(recipe: Recipe) -> AnchorDetector:
+    """SSD-lite on MobileNetV3-Large (width 1.0, so torchvision's ImageNet weights fit)."""
+    return _build(recipe, lambda c: MobileNetV3Taps("large", channels=c))
+
+
+@MODELS.register("ssdlite_resnet18")
+def build_ssdlite_resnet18(recipe: Recipe) -> AnchorDetector:
+    """SSD-lite heads on ResNet-18: heavier than MobileNetV3 but dense convs run well on CPU."""
+    return _build(recipe, lambda c: ResNet18Taps(channels=c))

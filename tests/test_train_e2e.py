@@ -1,0 +1,119 @@
+"""End to end through ``python -m accel_det.train`` in a subprocess: run dir contents, resume, evaluate, predict.
+
+Tiny on purpose: 24 synthetic 64 px train images, an odd number (9) of val images, the fast FaceBoxes net.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).parents[1]
+DEMO = REPO / "recipes" / "demo.toml"
+
+
+def _overrides(tmp: Path, **extra: object) -> list[str]:
+    base = {
+        "output.root": f"'{tmp / 'runs'}'",
+        "data.root": f"'{tmp / 'data'}'",
+        "data.synthetic.num_train": 24,
+        "data.synthetic.num_val": 9,
+        "data.synthetic.img_size": 64,
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "model.name": "'faceboxes'",
+        "model.img_dim": 128,
+        "train.max_epoch": 1,
+        "train.log_freq": 1,
+        "scheduler.warmup_iters": 2,
+        "eval.freq": 1,
+        "output.checkpoint_freq": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert res.returncode == 0, f"{args}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}"
+    return res
+
+
+def _events(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == kind]
+
+
+@pytest.mark.slow
+def test_train_resume_evaluate_predict(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "demo" / "round1"
+    _run(["-m", "accel_det.train", str(DEMO), *_overrides(tmp_path)], cwd=tmp_path)
+
+    for name in ("recipe.json", "env.json", "log.txt", "metrics.jsonl", "model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["accelerate"]["num_processes"] == 1 and env["effective_batch"] == 8
+    evals = _events(run_dir, "eval")
+    assert len(evals) == 1 and evals[0]["num_images"] == 9 and 0 <= evals[0]["AP50"] <= 1
+    assert (run_dir / "eval" / "epoch_0001.json").is_file()
+    preds = json.loads((run_dir / "eval" / "predictions_epoch_0001.json").read_text())
+    assert preds and {"image_id", "category_id", "bbox", "score"} <= set(preds[0])
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "epoch_0001"
+    state = json.loads((run_dir / "checkpoints" / "epoch_0001" / "trainer_state.json").read_text())
+    assert state["epoch"] == 1 and state["global_step"] == 3  # ceil(24 / 8)
+
+    # resume="auto" picks the checkpoint up and continues the step count and the LR schedule
+    res = _run(["-m", "accel_det.train", str(DEMO), *_overrides(tmp_path, **{"train.max_epoch": 2})], cwd=tmp_path)
+    assert "resumed from" in res.stdout
+    steps = [r["step"] for r in _events(run_dir, "train")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "epoch_0002"
+
+    # evaluate CLI on the run dir
+    res = _run(["-m", "accel_det.cli", "evaluate", str(run_dir), "--checkpoint", "last"], cwd=tmp_path)
+    result = json.loads((run_dir / "eval" / "evaluate_last.json").read_text())
+    assert result["num_images"] == 9
+    last = json.loads((run_dir / "eval" / "epoch_0002.json").read_text())
+    assert result["AP"] == pytest.approx(last["AP"], abs=1e-9)
+
+    # predict CLI: JSON + one PNG per image, same size as the input
+    images = sorted((tmp_path / "data" / "JPEGImages").glob("*.png"))[:3]
+    out = tmp_path / "preds"
+    _run(["-m", "accel_det.cli", "predict", str(run_dir), *map(str, images), "--out", str(out), "--conf", "0.0"],
+         cwd=tmp_path)
+    pred = json.loads((out / "predictions.json").read_text())
+    assert len(pred) == 3
+    for rec, img in zip(pred, images):
+        with Image.open(out / rec["drawn"]) as drawn, Image.open(img) as src:
+            assert drawn.size == src.size
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+    # multistep (not cosine) so the schedule of epochs 1-2 does not depend on max_epoch
+    common = {"eval.compute_map": "false", "data.augments": "['hflip']", "scheduler.name": "'multistep'"}
+    _run(["-m", "accel_det.train", str(DEMO), *_overrides(a, **common, **{"train.max_epoch": 2})], cwd=a)
+    _run(["-m", "accel_det.train", str(DEMO), *_overrides(b, **common, **{"train.max_epoch": 1})], cwd=b)
+    _run(["-m", "accel_det.train", str(DEMO), *_overrides(b, **common, **{"train.max_epoch": 2})], cwd=b)
+    wa = load_file(str(a / "runs/demo/round1/model.safetensors"))
+    wb = load_file(str(b / "runs/demo/round1/model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+
+
+def test_bad_recipe_fails_cleanly(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "accel_det.train", str(DEMO), "optimizer.lr=-1"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: {DEMO}: optimizer.lr: Input should be greater than 0"
