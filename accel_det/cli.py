@@ -20,6 +20,13 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(args: argparse.Namespace) -> int:
+    from accel_det.config import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from accel_det.evaluate import main as evaluate_main
 
@@ -41,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides (TOML values)")
     p.add_argument("-q", "--quiet", action="store_true", help="only say ok / the error")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("reference", help="print every recipe key as a Markdown table (README's reference)")
+    p.set_defaults(func=_reference)
 
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint on its val split")
     p.add_argument("run_dir")

@@ -11,7 +11,8 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -380,6 +381,20 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise RecipeError(_format_error(source, exc)) from None
 
 
+def _type_name(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return " \\| ".join(json.dumps(a) for a in args)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if args:
+        inner = [_type_name(a) for a in args]
+        if origin in (Union, UnionType):
+            return " \\| ".join("null" if i == "NoneType" else i for i in inner)
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(inner)}]"
+    return getattr(ann, "__name__", str(ann))
+
+
 def reference_markdown() -> str:
     """The recipe reference, generated from the models (README's table comes from here)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
@@ -392,9 +407,8 @@ def reference_markdown() -> str:
                 walk(sub, f"{prefix}{name}.")
                 continue
             default = field.get_default(call_default_factory=True)
-            ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+            ann = _type_name(field.annotation)
             desc = (field.description or "").replace("|", "\\|")
-            ann = ann.replace("|", "\\|")
             dflt = json.dumps(default, default=str)
             lines.append(f"| `{prefix}{name}` | {ann} | `{dflt}` | {desc} |")
 

@@ -25,3 +25,11 @@ def test_recipe_validates(path: Path) -> None:
 def test_every_torchvision_model_has_a_recipe() -> None:
     used = {load_recipe(p).model.name for p in RECIPES}
     assert {m for m in KNOWN_MODELS if m.startswith("tv_")} <= used
+
+
+def test_readme_reference_is_current() -> None:
+    from accel_det.config import reference_markdown
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("<!-- reference:start -->\n", 1)[1].split("\n<!-- reference:end -->", 1)[0]
+    assert block == reference_markdown(), "README's recipe reference is stale: paste `accel-det reference`"
