@@ -60,6 +60,8 @@ def build_accelerator(recipe: Any, run_dir: Path | None = None, trackers: list[s
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
     )
+    if not accelerator.is_main_process:
+        _prefix_warnings(accelerator.process_index)
     want = launcher_world_size()
     if want > 1 and accelerator.num_processes != want:
         raise LaunchError(
@@ -69,6 +71,28 @@ def build_accelerator(recipe: Any, run_dir: Path | None = None, trackers: list[s
             "`torchrun --nproc_per_node N -m accel_det.train ...`; on GPUs check CUDA_VISIBLE_DEVICES"
         )
     return accelerator
+
+
+def _prefix_warnings(rank: int) -> None:
+    """Non-main processes print nothing of their own, but their warnings still reach stderr: tag them with the
+    rank so that N copies of one warning are told apart from N different problems."""
+    import logging
+    import warnings
+
+    show = warnings.showwarning
+
+    def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
+                    file: Any = None, line: str | None = None) -> None:
+        show(f"[rank {rank}] {message}", category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+    fmt = logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(fmt)
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(fmt)
+        logging.getLogger().addHandler(handler)
 
 
 def _git_sha() -> str | None:

@@ -60,6 +60,12 @@ def evaluate(
     """Collective. Returns (metrics on main / None elsewhere, records on main / [] elsewhere, headline on all)."""
     from accel_det.metrics import evaluate_records
 
+    # DDP broadcasts rank 0's buffers only at the start of a training forward, so after the last step each
+    # process holds BatchNorm running stats updated by its own batch. Eval runs the unwrapped model: without
+    # this, processes > 0 would score their shards with their own statistics, not the checkpoint's (rank 0's).
+    if accelerator.num_processes > 1:
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf.data, src=0)
     records = predict_records(model, loader, accelerator)
     result = None
     if accelerator.is_main_process:

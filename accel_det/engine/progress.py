@@ -109,6 +109,11 @@ class TrainProgress:
                 f"epoch {epoch + 1}/{self.max_epoch}", total=self.batches, completed=start_batch, stats=""
             )
 
+    def advance(self, batch: int) -> None:
+        """Every batch: move the bar (cheap; the numbers come with ``update`` every log_freq batches)."""
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=batch + 1)
+
     def update(self, epoch: int, batch: int, losses: dict[str, float], lr: float, img_per_s: float) -> None:
         stats = " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" lr {lr:.2e} {img_per_s:.1f} img/s"
         if self._bar is not None and self._task is not None:

@@ -135,6 +135,7 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
                 for k, v in (("loss", loss), *losses.items()):
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 n_since += 1
+                progress.advance(i)
                 if n_since == log_freq or i + 1 == len(train_loader):
                     # the reduce is a collective: every process reaches it at the same batch indices
                     means = {k: float(accelerator.reduce(v / n_since, "mean")) for k, v in sums.items()}

@@ -24,33 +24,33 @@ def match(
     A prior is positive when its best IoU with a box is >= ``iou_thres``; on top, the best prior of
     every box is forced positive for that box (SSD's bipartite step), so a box whose best IoU is below
     the threshold (a tiny or oddly shaped object) still gets a prior instead of being ignored.
-    Vectorised over the batch: one IoU matrix for all boxes, scattered into a padded (N, G, P) tensor.
+    Vectorised over the batch: one (T, P) IoU matrix for all T boxes, reduced per image with
+    ``scatter_reduce``. Padding to (N, max boxes, P) would be simpler but costs N * max / T times the
+    memory: 1.4 GB for a WIDER FACE batch of 32 with one 500-face image at 21824 priors.
     """
     n, p = len(gt_boxes), priors.shape[0]
     device = priors.device
-    counts = [len(b) for b in gt_boxes]
-    g = max(counts, default=0)
-    matched = priors.new_zeros(n, p, 4)
-    labels = torch.zeros(n, p, dtype=torch.int64, device=device)
-    if g == 0:
-        return matched, labels
+    counts = torch.tensor([len(b) for b in gt_boxes], device=device)
+    if int(counts.sum()) == 0:
+        return priors.new_zeros(n, p, 4), torch.zeros(n, p, dtype=torch.int64, device=device)
     boxes = torch.cat(gt_boxes)  # (T, 4)
-    img = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(counts, device=device))
-    slot = torch.cat([torch.arange(c, device=device) for c in counts])
-    iou = priors.new_full((n, g, p), -1.0)  # padding slots never win a prior
-    iou[img, slot] = box_iou(boxes, cxcywh_to_xyxy(priors))
-    best_gt_iou, best_gt = iou.max(dim=1)  # (N, P): best box per prior
-    best_prior = iou[img, slot].argmax(dim=1)  # (T,): best prior per box
+    all_labels = torch.cat(gt_labels).to(device=device, dtype=torch.int64)
+    t = boxes.shape[0]
+    img = torch.repeat_interleave(torch.arange(n, device=device), counts)  # image of each box
+    iou = box_iou(boxes, cxcywh_to_xyxy(priors))  # (T, P)
+    seg = img.unsqueeze(1).expand(t, p)
+    best_gt_iou = iou.new_full((n, p), -1.0).scatter_reduce(0, seg, iou, "amax")  # best box per prior
+    box_idx = torch.arange(t, device=device)
+    # argmax within each image's boxes: among the boxes reaching the max, take the last index
+    cand = torch.where(iou == best_gt_iou[img], box_idx.unsqueeze(1), -1)
+    best_gt = torch.full((n, p), -1, dtype=torch.int64, device=device).scatter_reduce(0, seg, cand, "amax")
+    best_prior = iou.argmax(dim=1)  # (T,): best prior of each box
     best_gt_iou[img, best_prior] = 2.0  # force, above any threshold
-    best_gt[img, best_prior] = slot
-    pad_boxes = priors.new_zeros(n, g, 4)
-    pad_boxes[img, slot] = boxes
-    pad_labels = torch.zeros(n, g, dtype=torch.int64, device=device)
-    pad_labels[img, slot] = torch.cat(gt_labels).to(device=device, dtype=torch.int64)
-    matched = torch.gather(pad_boxes, 1, best_gt.unsqueeze(-1).expand(n, p, 4))
-    labels = torch.gather(pad_labels, 1, best_gt)
+    best_gt[img, best_prior] = box_idx
+    best_gt = best_gt.clamp(min=0)  # images without boxes: any index, the label below is 0
+    labels = all_labels[best_gt]
     labels[best_gt_iou < iou_thres] = 0
-    return matched, labels
+    return boxes[best_gt], labels
 
 
 class MultiBoxLoss(nn.Module):

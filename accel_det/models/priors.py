@@ -107,6 +107,9 @@ class PriorBox(nn.Module):
         key = (int(height), int(width), torch.device(device), dtype)
         priors = self._cache.get(key)
         if priors is None:
-            priors = self._build(key[0], key[1]).to(device=key[2], dtype=dtype)
+            # A first call under torch.inference_mode (eval, a benchmark) must not cache an inference
+            # tensor: training would later fail to save it for backward.
+            with torch.inference_mode(False):
+                priors = self._build(key[0], key[1]).to(device=key[2], dtype=dtype)
             self._cache[key] = priors
         return priors
