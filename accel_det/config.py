@@ -82,7 +82,8 @@ class AnchorConfig(_Table):
         description="Extra aspect ratios (w/h) per feature map; each r adds r and 1/r. [] = square only",
     )
     densify: bool = Field(
-        True, description="FaceBoxes anchor densification: tile anchors smaller than 4x the stride"
+        True,
+        description="FaceBoxes anchor densification: tile anchors smaller than 4x the stride (false for SSD anchors)",
     )
     variance: tuple[PosFloat, PosFloat] = Field((0.1, 0.2), description="SSD box-coder variances")
     clip: bool = Field(False, description="Clip prior boxes to the image")

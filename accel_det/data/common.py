@@ -81,6 +81,16 @@ class DirIndex:
         return path.name in names
 
 
+def read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a split/list file, or a DatasetError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read {what}: {exc}") from None
+
+
 def check_box(values: Sequence[float], where: str) -> None:
     """Reject non-finite values and inverted boxes (``values`` = x1, y1, x2, y2)."""
     if not all(math.isfinite(v) for v in values):

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import DatasetError, DetectionDataset, DirIndex, Transforms, check_box, make_record
+from .common import DatasetError, DetectionDataset, DirIndex, Transforms, check_box, make_record, read_lines
 
 _IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 
@@ -27,12 +27,7 @@ def read_split(root: Path, split: str) -> list[str]:
             raise DatasetError(f"{ann_dir}: annotation folder missing")
         return sorted(p.stem for p in ann_dir.glob("*.xml"))
     path = root / split
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: split file missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read split file: {exc}") from None
+    lines = read_lines(path, "split file")
     # Class-specific VOC split files carry a second column ("000005 -1"); only the id matters here.
     return [line.split()[0] for line in lines if line.strip()]
 

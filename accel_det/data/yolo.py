@@ -20,6 +20,7 @@ from .common import (
     Transforms,
     check_box,
     make_record,
+    read_lines,
 )
 
 
@@ -42,12 +43,7 @@ def list_images(root: Path, split: str) -> list[Path]:
         if not images:
             raise DatasetError(f"{where}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return images
-    try:
-        lines = where.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"{where}: split folder or list file missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{where}: cannot read list file: {exc}") from None
+    lines = read_lines(where, "split folder or list file")
     files = DirIndex()
     images: list[Path] = []
     for n, line in enumerate(lines, start=1):

@@ -68,7 +68,8 @@ def build_accelerator(recipe: Any, run_dir: Path | None = None, trackers: list[s
             f"the launcher started {want} processes but the Accelerator joined {accelerator.num_processes}: "
             "each would train alone and overwrite the same run dir. On a CPU machine launch with "
             "`accelerate launch --config_file accelerate_configs/cpu_2proc.yaml` or "
-            "`torchrun --nproc_per_node N -m accel_det.train ...`; on GPUs check CUDA_VISIBLE_DEVICES"
+            "`torchrun --nproc_per_node N -m accel_det.train ...`; on GPUs check CUDA_VISIBLE_DEVICES; in your "
+            "own script, build no accelerate state (PartialState/Accelerator) before accel_det's"
         )
     return accelerator
 
