@@ -54,7 +54,9 @@ def _events(run_dir: Path, kind: str) -> list[dict]:
 @pytest.mark.slow
 def test_train_resume_evaluate_predict(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "demo" / "round1"
-    _run(["-m", "accel_det.train", str(DEMO), *_overrides(tmp_path)], cwd=tmp_path)
+    _run(["-m", "accel_det.train", str(DEMO), *_overrides(tmp_path, **{"log.trackers": "['tensorboard']"})],
+         cwd=tmp_path)
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*")), "tensorboard tracker wrote nothing"
 
     for name in ("recipe.json", "env.json", "log.txt", "metrics.jsonl", "model.safetensors"):
         assert (run_dir / name).is_file(), name
@@ -93,6 +95,32 @@ def test_train_resume_evaluate_predict(tmp_path: Path) -> None:
     for rec, img in zip(pred, images):
         with Image.open(out / rec["drawn"]) as drawn, Image.open(img) as src:
             assert drawn.size == src.size
+
+    # a corrupt checkpoint stops the resume with one line naming it, and leaves the run dir as it was
+    weights = run_dir / "checkpoints" / "epoch_0002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    res = subprocess.run([sys.executable, "-m", "accel_det.train", str(DEMO),
+                          *_overrides(tmp_path, **{"train.max_epoch": 3})],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert res.returncode == 1
+    assert res.stderr.strip().startswith(f"error: {weights.parent}: cannot load checkpoint"), res.stderr[-2000:]
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "epoch_0002"
+
+
+def test_second_run_on_same_run_dir_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    run_dir = tmp_path / "runs" / "demo" / "round1"
+    run_dir.mkdir(parents=True)
+    with (run_dir / ".lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("host test pid 1\n")
+        held.flush()
+        res = subprocess.run([sys.executable, "-m", "accel_det.train", str(DEMO), *_overrides(tmp_path)],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 1
+    assert "another run is using this run dir (host test pid 1)" in res.stderr
+    assert not (run_dir / "recipe.json").exists()
 
 
 @pytest.mark.slow

@@ -111,5 +111,10 @@ class Checkpointer:
 
     def load(self, path: Path) -> dict[str, Any]:
         state = read_trainer_state(path)
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as exc:  # noqa: BLE001
+            # a truncated/corrupt file (safetensors, pickle and torch each raise their own types) or a
+            # checkpoint of another model: re-raised as one line naming the checkpoint, never swallowed
+            raise CheckpointError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {exc}") from None
         return state

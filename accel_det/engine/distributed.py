@@ -153,3 +153,35 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(strict_json(obj), indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Any:
+    """Collective. The main process holds an exclusive ``flock`` on ``run_dir/.lock`` for the whole run, so a
+    second launch on the same run dir stops at once instead of interleaving checkpoints and logs with the
+    first. The kernel drops the lock when the process dies, so a killed run never leaves a stale lock."""
+    from accelerate.utils import broadcast_object_list
+
+    handle, error = None, ""
+    if accelerator.is_main_process:
+        import fcntl
+
+        handle = (run_dir / ".lock").open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown process"
+            handle.close()
+            handle = None
+            error = (f"{run_dir}: another run is using this run dir ({holder}); wait for it to finish or "
+                     "choose another mission.round")
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+            handle.flush()
+    message = [error]
+    broadcast_object_list(message, from_process=0)
+    if message[0]:
+        raise LaunchError(message[0])
+    return handle

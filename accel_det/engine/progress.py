@@ -57,8 +57,8 @@ class RunLog:
             scalars = {
                 f"{kind}/{k}": float(v)
                 for k, v in record.items()
-                if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("time", "epoch", "step")
-                and math.isfinite(float(v))
+                if isinstance(v, int | float) and not isinstance(v, bool)
+                and k not in ("time", "epoch", "step", "batch") and math.isfinite(float(v))
             }
             self.accelerator.log(scalars, step=step if step is not None else record.get("step"))
 

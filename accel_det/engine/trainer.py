@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 
 from accel_det.data import build_datasets, build_loaders
 from accel_det.engine.checkpoint import Checkpointer, CheckpointError, resolve_checkpoint
-from accel_det.engine.distributed import build_accelerator, environment, write_json_atomic
+from accel_det.engine.distributed import build_accelerator, environment, lock_run_dir, write_json_atomic
 from accel_det.engine.evaluator import to_float_images
 from accel_det.engine.hooks import CheckpointHook, Context, EvalHook, Hook, TrainState
 from accel_det.engine.progress import RunLog, TrainProgress
@@ -61,6 +61,7 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    run_lock = lock_run_dir(accelerator, run_dir)
     log = RunLog(accelerator, run_dir)
     set_seed(recipe.train.seed)
     resume_path = _resume_from(recipe, run_dir)
@@ -92,6 +93,8 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
         state.best_metric, state.best_epoch = saved.get("best_metric"), saved.get("best_epoch")
         jump_to_step(scheduler, state.global_step)
         log.info(f"resumed from {resume_path} (epoch {state.epoch}, step {state.global_step})")
+        # metrics.jsonl may hold events past this checkpoint (a run killed mid-epoch): mark where we resumed
+        log.event({"event": "resume", "epoch": state.epoch, "step": state.global_step, "from": str(resume_path)})
         if saved.get("num_processes") not in (None, accelerator.num_processes):
             log.info(f"note: checkpoint had {saved['num_processes']} processes, now "
                      f"{accelerator.num_processes}: epochs now have {steps_per_epoch} optimizer steps")
@@ -161,4 +164,6 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
         log.info(f"best {recipe.eval.metric} {state.best_metric:.4f} at epoch {state.best_epoch}")
     log.info(f"done: {run_dir}")
     accelerator.end_training()
+    if run_lock is not None:
+        run_lock.close()
     return state
