@@ -8,6 +8,13 @@ import sys
 from accel_det.config import RecipeError, load_recipe
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _validate(args: argparse.Namespace) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -64,13 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: predictions.json + drawn PNGs")
     p.add_argument("--checkpoint", default="best", help="best | last | PATH | weights file")
     p.add_argument("--conf", type=float, default=0.3, help="score threshold for output and drawing")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.set_defaults(func=_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after options (`evaluate RUN --checkpoint best eval.max_det=50`), which
+    # argparse's positional nargs="*" does not accept: collect the leftovers that look like overrides
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if "=" not in e or e.startswith("-") or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     return int(args.func(args))
 
 

@@ -35,7 +35,7 @@ KNOWN_MODELS = NATIVE_MODELS + TORCHVISION_MODELS
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[float, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Prob = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -187,8 +187,10 @@ class OptimizerConfig(_Table):
     lr: PosFloat = Field(1e-3, description="Base learning rate")
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD momentum")
     nesterov: bool = Field(False, description="SGD Nesterov momentum")
-    betas: tuple[Prob, Prob] = Field((0.9, 0.999), description="Adam/AdamW betas")
-    weight_decay: Annotated[float, Field(ge=0)] = Field(5e-4, description="Weight decay")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="Adam/AdamW betas, each in [0, 1)"
+    )
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(5e-4, description="Weight decay")
     no_decay_norm_bias: bool = Field(True, description="No weight decay on norm weights and biases")
 
     @model_validator(mode="after")
@@ -226,7 +228,9 @@ class TrainConfig(_Table):
         "auto", description="true: require a GPU; false: CPU (Accelerator(cpu=True)); 'auto': GPU if visible"
     )
     seed: int = Field(0, description="Seed for torch/numpy/python on every process")
-    clip_grad_norm: Annotated[float, Field(ge=0)] = Field(0.0, description="Max grad norm (0 = off)")
+    clip_grad_norm: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        0.0, description="Max grad norm (0 = off)"
+    )
     log_freq: PosInt = Field(10, description="Batches between plain log lines when stdout is not a TTY")
     cudnn_benchmark: bool = Field(True, description="torch.backends.cudnn.benchmark")
     loss_fp32: bool = Field(True, description="Compute native models' losses in fp32 under autocast")
@@ -243,10 +247,22 @@ class EvalConfig(_Table):
     batch_size: PosInt | None = Field(None, description="Eval images per process; default data.batch_size")
 
 
+# what accelerate's ``log_with`` accepts (accelerate.utils.LoggerType); the package is checked at start
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+
+
 class LogConfig(_Table):
     trackers: list[str] = Field(
         default_factory=list, description="Accelerate trackers (log_with), e.g. ['tensorboard']"
     )
+
+    @field_validator("trackers")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in TRACKERS:
+                raise ValueError(f"unknown tracker {name!r}{_suggest(name, TRACKERS)}; known: {', '.join(TRACKERS)}")
+        return v
 
 
 class Recipe(_Table):

@@ -84,7 +84,9 @@ def evaluate_run(run_dir: Path, checkpoint: str, overrides: list[str]) -> dict[s
 
 def main(args: argparse.Namespace) -> int:
     from accel_det.data import DatasetError
+    from accel_det.engine.checkpoint import CheckpointError
     from accel_det.engine.distributed import LaunchError
+    from accel_det.engine.evaluator import EvaluationError
     from accel_det.models import WeightsError
 
     try:
@@ -92,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (EvaluateError, DatasetError, LaunchError, WeightsError) as exc:
+    except (EvaluateError, DatasetError, LaunchError, WeightsError, CheckpointError, EvaluationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

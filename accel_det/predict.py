@@ -47,14 +47,17 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
     from torchvision.utils import draw_bounding_boxes
 
     from accel_det.data.common import load_image
-    from accel_det.evaluate import checkpoint_weights, run_recipe
+    from accel_det.evaluate import EvaluateError, checkpoint_weights, run_recipe
     from accel_det.models import build_model, load_weights
 
     recipe = run_recipe(run_dir, [])
     files = collect_images(inputs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = build_model(recipe)
-    load_weights(model, checkpoint_weights(run_dir, checkpoint))
+    weights = checkpoint_weights(run_dir, checkpoint)
+    report = load_weights(model, weights)
+    if report.skipped or report.missing:
+        raise EvaluateError(f"{weights}: does not fit the run's model: {report.summary()}")
     model.to(device).eval()
     dim, names = recipe.model.img_dim, recipe.data.class_names
     resize = v2.Resize((dim, dim))

@@ -46,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     from accel_det.data import DatasetError
     from accel_det.engine.checkpoint import CheckpointError
     from accel_det.engine.distributed import LaunchError
+    from accel_det.engine.evaluator import EvaluationError
     from accel_det.engine.trainer import TrainingError, train
     from accel_det.models import WeightsError
 
     try:
         train(recipe)
-    except (DatasetError, CheckpointError, LaunchError, WeightsError, TrainingError) as exc:
+    except (DatasetError, CheckpointError, LaunchError, WeightsError, TrainingError, EvaluationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -34,6 +34,9 @@ BAD = [
     ('[eval]\nmetric = "map"\n', "eval.metric: Input should be 'coco', 'voc07' or 'voc12'"),
     ('[train]\nmixed_precision = "fp8"\n', "train.mixed_precision: Input should be"),
     ('[optimizer\nlr = 1\n', "not valid TOML"),
+    ('[optimizer]\nname = "adam"\nbetas = [0.9, 1.0]\n', "optimizer.betas.1: Input should be less than 1"),
+    ('[optimizer]\nlr = inf\n', "optimizer.lr: Input should be a finite number"),
+    ('[log]\ntrackers = ["tensorbord"]\n', "log.trackers: unknown tracker 'tensorbord' (did you mean 'tensorboard'?)"),
 ]
 
 
@@ -80,7 +83,8 @@ def test_reference_lists_every_key() -> None:
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "accel_det.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "accel_det.cli", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])
 
 
 def test_validate_cli_error_exit_2_no_traceback(tmp_path: Path) -> None:
@@ -100,3 +104,10 @@ def test_validate_does_not_import_torch(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stderr
+
+
+def test_overrides_after_options_and_unknown_options() -> None:
+    ok = _run_cli("validate", "recipes/demo.toml", "-q", "optimizer.lr=0.1")
+    assert ok.returncode == 0, ok.stderr
+    bad = _run_cli("validate", "recipes/demo.toml", "--bogus")
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr

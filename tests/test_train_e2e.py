@@ -77,6 +77,9 @@ def test_train_resume_evaluate_predict(tmp_path: Path) -> None:
     steps = [r["step"] for r in _events(run_dir, "train")]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (run_dir / "checkpoints" / "last").read_text().strip() == "epoch_0002"
+    ckpt = run_dir / "checkpoints" / "epoch_0002"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["steps_per_epoch"] == 3
+    assert json.loads((ckpt / "recipe.json").read_text())["train"]["max_epoch"] == 2
 
     # evaluate CLI on the run dir
     res = _run(["-m", "accel_det.cli", "evaluate", str(run_dir), "--checkpoint", "last"], cwd=tmp_path)
@@ -105,6 +108,25 @@ def test_train_resume_evaluate_predict(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stderr.strip().startswith(f"error: {weights.parent}: cannot load checkpoint"), res.stderr[-2000:]
     assert (run_dir / "checkpoints" / "last").read_text().strip() == "epoch_0002"
+    # the refused resume did not replace the run's recipe
+    assert json.loads((run_dir / "recipe.json").read_text())["train"]["max_epoch"] == 2
+
+
+def test_resume_with_another_batch_size_keeps_the_schedule_in_epochs(tmp_path: Path) -> None:
+    # 24 images: batch 8 -> 3 steps/epoch, then batch 4 -> 6 steps/epoch. A decay every 2 epochs must fire
+    # after epoch 2 of the resumed run, i.e. at step 2 * 6 = 12 in the new units (not at 2 * 3 = 6).
+    common = {"eval.compute_map": "false", "scheduler.name": "'step'", "scheduler.step_size": 2,
+              "scheduler.gamma": 0.1, "scheduler.warmup_iters": 0, "optimizer.lr": 0.01}
+    run_dir = tmp_path / "runs" / "demo" / "round1"
+    _run(["-m", "accel_det.train", str(DEMO), *_overrides(tmp_path, **common, **{"train.max_epoch": 1})],
+         cwd=tmp_path)
+    res = _run(["-m", "accel_det.train", str(DEMO),
+                *_overrides(tmp_path, **common, **{"train.max_epoch": 3, "data.batch_size": 4})], cwd=tmp_path)
+    assert "epochs had 3 optimizer steps, now 6" in res.stdout
+    train = [r for r in _events(run_dir, "train") if r["epoch"] > 1]
+    assert [r["step"] for r in train][:1] == [7] and train[-1]["step"] == 18
+    lr = {r["step"]: r["lr"] for r in train}
+    assert lr[11] == pytest.approx(0.01) and lr[12] == pytest.approx(0.001)
 
 
 def test_second_run_on_same_run_dir_is_refused(tmp_path: Path) -> None:

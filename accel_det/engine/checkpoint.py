@@ -72,7 +72,8 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self.keep_last = keep_last
 
-    def save(self, epoch: int, trainer_state: dict[str, Any], is_best: bool) -> Path:
+    def save(self, epoch: int, trainer_state: dict[str, Any], is_best: bool,
+             recipe: dict[str, Any] | None = None) -> Path:
         """Collective: every process must call it (save_state writes each process's RNG state)."""
         acc = self.accelerator
         name = epoch_dir_name(epoch)
@@ -84,6 +85,8 @@ class Checkpointer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            if recipe is not None:  # each checkpoint says what model it holds, whatever the run dir says later
+                write_json_atomic(tmp / "recipe.json", recipe)
             write_json_atomic(tmp / STATE_FILE, trainer_state)
             if final.exists():
                 shutil.rmtree(final)
@@ -116,5 +119,7 @@ class Checkpointer:
         except Exception as exc:  # noqa: BLE001
             # a truncated/corrupt file (safetensors, pickle and torch each raise their own types) or a
             # checkpoint of another model: re-raised as one line naming the checkpoint, never swallowed
-            raise CheckpointError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {exc}") from None
+            lines = str(exc).strip().splitlines() or [""]
+            more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
+            raise CheckpointError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {lines[0]}{more}") from None
         return state

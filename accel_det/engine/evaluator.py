@@ -17,6 +17,10 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 
 
+class EvaluationError(RuntimeError):
+    pass
+
+
 def to_float_images(images: torch.Tensor) -> torch.Tensor:
     # uint8 travels host->device (4x less than float); the cast happens on the device
     return images.float().div_(255) if images.dtype == torch.uint8 else images
@@ -67,16 +71,21 @@ def evaluate(
         for buf in model.buffers():
             torch.distributed.broadcast(buf.data, src=0)
     records = predict_records(model, loader, accelerator)
-    result = None
+    result, error = None, ""
     if accelerator.is_main_process:
-        result = evaluate_records(
-            records,
-            recipe.data.class_names,
-            metric=recipe.eval.metric,
-            backend=recipe.eval.backend,
-            max_det=recipe.eval.max_det,
-        )
-    headline = [float(result[result["headline"]]) if result else float("nan")]
-    broadcast_object_list(headline, from_process=0)
-    value = headline[0]
+        try:
+            result = evaluate_records(
+                records,
+                recipe.data.class_names,
+                metric=recipe.eval.metric,
+                backend=recipe.eval.backend,
+                max_det=recipe.eval.max_det,
+            )
+        except ValueError as exc:  # bad records: every process must learn it, not wait at the broadcast
+            error = f"evaluation failed: {exc}"
+    message = [float(result[result["headline"]]) if result else float("nan"), error]
+    broadcast_object_list(message, from_process=0)
+    value, error = message
+    if error:
+        raise EvaluationError(error)
     return result, records if accelerator.is_main_process else [], None if np.isnan(value) else value

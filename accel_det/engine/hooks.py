@@ -51,7 +51,8 @@ class Context:
     run_dir: Path
     log: RunLog
     state: TrainState
-    category_ids: list[int]
+    category_ids: list[int]  # of the val set: predictions files use the val annotations' own ids
+    steps_per_epoch: int
 
     @property
     def last_epoch(self) -> bool:
@@ -108,8 +109,9 @@ class CheckpointHook(Hook):
         best = out.save_best and st.last_is_best
         if periodic or best or ctx.last_epoch:
             extra = {"lr": ctx.lr(), "num_processes": ctx.accelerator.num_processes,
-                     "last_metric": st.last_metric}
-            path = self.checkpointer.save(st.epoch, st.to_dict(**extra), is_best=best)
+                     "steps_per_epoch": ctx.steps_per_epoch, "last_metric": st.last_metric}
+            path = self.checkpointer.save(st.epoch, st.to_dict(**extra), is_best=best,
+                                          recipe=ctx.recipe.model_dump(mode="json"))
             ctx.log.info(f"checkpoint: {path}" + (" (best)" if best else ""))
 
     def after_train(self, ctx: Context) -> None:

@@ -66,9 +66,6 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
     set_seed(recipe.train.seed)
     resume_path = _resume_from(recipe, run_dir)
 
-    if accelerator.is_main_process:
-        write_json_atomic(run_dir / "recipe.json", recipe.model_dump(mode="json"))
-        write_json_atomic(run_dir / "env.json", environment(accelerator, recipe))
     # the main process generates/indexes data first (synthetic data is written once, not N times)
     with accelerator.main_process_first():
         train_ds, val_ds = build_datasets(recipe)
@@ -90,14 +87,22 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
     if resume_path is not None:
         saved = checkpointer.load(resume_path)
         state.epoch, state.global_step = int(saved["epoch"]), int(saved["global_step"])
+        if saved.get("steps_per_epoch") not in (None, steps_per_epoch):
+            # Another process count, batch size or accumulation: the schedule is defined in epochs, and the
+            # checkpoint sits at an epoch end, so re-express the position in the new epoch length.
+            log.info(f"note: epochs had {saved['steps_per_epoch']} optimizer steps, now {steps_per_epoch}; "
+                     f"continuing the schedule at epoch {state.epoch}")
+            state.global_step = state.epoch * steps_per_epoch
         state.best_metric, state.best_epoch = saved.get("best_metric"), saved.get("best_epoch")
         jump_to_step(scheduler, state.global_step)
         log.info(f"resumed from {resume_path} (epoch {state.epoch}, step {state.global_step})")
         # metrics.jsonl may hold events past this checkpoint (a run killed mid-epoch): mark where we resumed
         log.event({"event": "resume", "epoch": state.epoch, "step": state.global_step, "from": str(resume_path)})
-        if saved.get("num_processes") not in (None, accelerator.num_processes):
-            log.info(f"note: checkpoint had {saved['num_processes']} processes, now "
-                     f"{accelerator.num_processes}: epochs now have {steps_per_epoch} optimizer steps")
+    # written only now: a resume that fails (another model, a corrupt checkpoint) must not replace the
+    # recipe of the run it refused to touch
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "recipe.json", recipe.model_dump(mode="json"))
+        write_json_atomic(run_dir / "env.json", environment(accelerator, recipe))
     if recipe.log.trackers:
         accelerator.init_trackers("tensorboard", config=_flat_config(recipe))
 
@@ -109,7 +114,7 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
         f"effective {env['effective_batch']} | {steps_per_epoch} optimizer steps/epoch"
     )
     ctx = Context(recipe, accelerator, model, optimizer, scheduler, val_loader, run_dir, log, state,
-                  train_ds.category_ids)
+                  val_ds.category_ids, steps_per_epoch)
     hooks = [EvalHook(), CheckpointHook(checkpointer), *(hooks or [])]
     batch_imgs = recipe.data.batch_size * accelerator.num_processes
     log_freq = recipe.train.log_freq
