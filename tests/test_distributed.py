@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_run import tiny_overrides
 
 from accel_det.optim import LRFactor
 
@@ -93,24 +94,7 @@ TRAIN = ["-m", "accel_det.train", str(DEMO)]
 
 
 def _overrides(out: Path, data: Path, **extra: object) -> list[str]:
-    base = {
-        "output.root": f"'{out}'",
-        "data.root": f"'{data}'",
-        "data.synthetic.num_train": 24,
-        "data.synthetic.num_val": 9,
-        "data.synthetic.img_size": 64,
-        "data.batch_size": 4,
-        "data.num_workers": 0,
-        "model.name": "'faceboxes'",
-        "model.img_dim": 128,
-        "train.max_epoch": 1,
-        "train.log_freq": 1,
-        "scheduler.warmup_iters": 2,
-        "eval.freq": 1,
-        "output.checkpoint_freq": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_overrides(out, data, **{"data.batch_size": 4, **extra})
 
 
 def _events(run_dir: Path, kind: str) -> list[dict]:

@@ -14,30 +14,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_run import tiny_overrides
 
 REPO = Path(__file__).parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
 
 
 def _overrides(tmp: Path, **extra: object) -> list[str]:
-    base = {
-        "output.root": f"'{tmp / 'runs'}'",
-        "data.root": f"'{tmp / 'data'}'",
-        "data.synthetic.num_train": 24,
-        "data.synthetic.num_val": 9,
-        "data.synthetic.img_size": 64,
-        "data.batch_size": 8,
-        "data.num_workers": 0,
-        "model.name": "'faceboxes'",
-        "model.img_dim": 128,
-        "train.max_epoch": 1,
-        "train.log_freq": 1,
-        "scheduler.warmup_iters": 2,
-        "eval.freq": 1,
-        "output.checkpoint_freq": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_overrides(tmp / "runs", tmp / "data", **extra)
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
