@@ -374,3 +374,19 @@ def test_collate_gray_and_plain_loader(tmp_path: Path) -> None:
         assert (
             image.shape == (1, 32, 32) and target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
         )
+
+
+def test_seed_worker_differs_across_ranks(monkeypatch) -> None:
+    # the loader generator is seeded alike on every process; workers of another rank must not repeat
+    # rank 0's augmentation draws
+    from accel_det.data.builder import seed_worker
+
+    draws = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        torch.manual_seed(1234)  # what a worker inherits: base_seed + worker_id, equal on both ranks
+        seed_worker(0)
+        draws.append(torch.rand(3))
+    assert not torch.equal(draws[0], draws[1])
+    torch.manual_seed(1234)
+    assert torch.equal(torch.rand(3), draws[0]), "rank 0 keeps its seed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def seed_worker(worker_id: int) -> None:
     distinct and reproducible from ``train.seed`` whatever the torch version or multiprocessing start
     method (forked workers otherwise all inherit the parent's numpy state)."""
     seed = torch.initial_seed() % 2**32
+    # The loader's generator is seeded alike on every process (it must be: it is shared with the sampler),
+    # so the workers of rank r > 0 would repeat rank 0's augmentation draws exactly. Mix the launcher's
+    # rank in; rank 0 (and every 1-process run) keeps its seeds.
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank:
+        seed = (seed + 1_000_003 * rank) % 2**32
+        torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
 

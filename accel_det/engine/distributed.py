@@ -57,7 +57,7 @@ def build_accelerator(recipe: Any, run_dir: Path | None = None, trackers: list[s
         project_config=ProjectConfiguration(project_dir=str(run_dir)) if run_dir else None,
         # a seedable sampler reshuffles from seed + epoch: epoch e sees the same order whether the run was
         # resumed or not, and for every process count
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
         step_scheduler_with_optimizer=False,
     )
     if not accelerator.is_main_process:

@@ -76,6 +76,9 @@ def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
         log.info(f"weights: {load_report.summary()}")
     optimizer = build_optimizer(model, recipe.optimizer)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    # Same seed everywhere up to here (same init, same shuffle via data_seed); from now on each process draws
+    # its own augmentations (num_workers=0 uses these RNGs; workers mix in the rank in seed_worker).
+    set_seed(recipe.train.seed, device_specific=True)
     accum = recipe.train.accumulation_freq
     steps_per_epoch = math.ceil(len(train_loader) / accum)
     # Not passed to prepare(): its wrapper would step num_processes times per optimizer step. Not saved in
