@@ -17,7 +17,6 @@ from accel_det.metrics import (
     coco_results,
     evaluate_records,
     metrics_table,
-    summary_line,
     voc_evaluate,
 )
 from accel_det.metrics.coco import BACKENDS, build_coco, coco_ground_truth, run_cocoeval, summarize
@@ -324,7 +323,6 @@ def test_metrics_table_renders() -> None:
     for metric in ("coco", "voc12"):
         r = evaluate_records(voc_case(), NAMES, metric=metric)
         console.print(metrics_table(r, title=metric))
-        assert summary_line(r).startswith("AP " if metric == "coco" else "mAP 0.3750")
     text = console.export_text()
     for s in ("AP50", "AR100", "mAP", "cat", "dog", "bird", "0.3750"):
         assert s in text

@@ -6,7 +6,7 @@ run on all; only file writes, printing and COCOeval are main-process-only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ class TrainState:
     best_epoch: int | None = None
     last_metric: float | None = None
     last_is_best: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self, **extra: Any) -> dict[str, Any]:
         return {

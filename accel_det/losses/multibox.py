@@ -30,13 +30,13 @@ def match(
     """
     n, p = len(gt_boxes), priors.shape[0]
     device = priors.device
-    counts = torch.tensor([len(b) for b in gt_boxes], device=device)
-    if int(counts.sum()) == 0:
+    sizes = [len(b) for b in gt_boxes]  # shapes only: no host<->device copy or sync in the step
+    if sum(sizes) == 0:
         return priors.new_zeros(n, p, 4), torch.zeros(n, p, dtype=torch.int64, device=device)
     boxes = torch.cat(gt_boxes)  # (T, 4)
     all_labels = torch.cat(gt_labels).to(device=device, dtype=torch.int64)
     t = boxes.shape[0]
-    img = torch.repeat_interleave(torch.arange(n, device=device), counts)  # image of each box
+    img = torch.cat([torch.full((s,), i, dtype=torch.int64, device=device) for i, s in enumerate(sizes)])
     iou = box_iou(boxes, cxcywh_to_xyxy(priors))  # (T, P)
     seg = img.unsqueeze(1).expand(t, p)
     best_gt_iou = iou.new_full((n, p), -1.0).scatter_reduce(0, seg, iou, "amax")  # best box per prior

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .coco import Record, coco_evaluate, coco_results
-from .report import metrics_table, summary_line
+from .report import metrics_table
 from .voc import voc_evaluate
 
 METRICS = ("coco", "voc07", "voc12")
@@ -44,6 +44,5 @@ __all__ = [
     "coco_results",
     "evaluate_records",
     "metrics_table",
-    "summary_line",
     "voc_evaluate",
 ]

@@ -38,11 +38,6 @@ def summary_keys(result: Mapping[str, Any]) -> list[str]:
     return [head] if head in result else []
 
 
-def summary_line(result: Mapping[str, Any]) -> str:
-    """'AP 0.4120 | AP50 0.6010 | ...' for a log line."""
-    return " | ".join(f"{k} {fmt_metric(result[k])}" for k in summary_keys(result))
-
-
 def metrics_table(result: Mapping[str, Any], title: str = "Evaluation") -> Table:
     """Summary rows (AP, AP50, ... or mAP), then one row per class (AP, and AP50 for COCO)."""
     per_class: Mapping[str, Any] = result.get("per_class", {})

@@ -1,10 +1,10 @@
 """LR schedules with warmup, defined in optimizer steps of one process.
 
-``LRFactor`` is a picklable callable for ``torch.optim.lr_scheduler.LambdaLR``; LambdaLR saves a callable
-object's ``__dict__`` in its state_dict, so a resumed run restores the schedule exactly. The factor at step k
-is a pure function of k, so it is the same for 1 or N processes. The scheduler must NOT go through
-``accelerator.prepare``: the prepared wrapper steps it num_processes times per optimizer step
-(accelerate #2926 / #2318).
+``LRFactor`` is the closed-form factor for ``torch.optim.lr_scheduler.LambdaLR`` (torch's chainable
+schedulers compute cosine recursively, which a resume cannot jump into). The factor at step k is a pure
+function of k, so it is the same for 1 or N processes, and a resume only needs ``jump_to_step``.
+The scheduler must NOT go through ``accelerator.prepare``: the prepared wrapper steps it num_processes
+times per optimizer step (accelerate #2926 / #2318).
 
 Warmup follows detectron2's ``WarmupMultiStepLR``: the warmup factor multiplies the main schedule and the
 milestones count from step 0 (not from the end of warmup).
