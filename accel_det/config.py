@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from accel_det.errors import RecipeError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -37,10 +39,6 @@ PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Prob = Annotated[float, Field(ge=0, le=1)]
-
-
-class RecipeError(ValueError):
-    """A recipe problem, already formatted as one line: ``file: key.path: message``."""
 
 
 class _Table(BaseModel):

@@ -21,14 +21,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from accel_det.errors import DatasetError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 Target = dict[str, Any]
 Transforms = Callable[[tv_tensors.Image, Target], tuple[tv_tensors.Image, Target]]
-
-
-class DatasetError(ValueError):
-    """A problem with the data on disk, already formatted as one line naming the file (and object/line)."""
 
 
 def load_image(path: str | Path, channels: int = 3) -> tv_tensors.Image:

@@ -20,12 +20,9 @@ from typing import Any
 from accelerate import Accelerator
 
 from accel_det.engine.distributed import write_json_atomic
+from accel_det.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def epoch_dir_name(epoch: int) -> str:

@@ -24,9 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-
-class LaunchError(RuntimeError):
-    pass
+from accel_det.errors import LaunchError
 
 
 def launcher_world_size() -> int:

@@ -16,9 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
-
-class EvaluationError(RuntimeError):
-    pass
+from accel_det.errors import EvaluationError
 
 
 def to_float_images(images: torch.Tensor) -> torch.Tensor:

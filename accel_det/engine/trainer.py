@@ -20,12 +20,9 @@ from accel_det.engine.distributed import build_accelerator, environment, lock_ru
 from accel_det.engine.evaluator import to_float_images
 from accel_det.engine.hooks import CheckpointHook, Context, EvalHook, Hook, TrainState
 from accel_det.engine.progress import RunLog, TrainProgress
+from accel_det.errors import TrainingError
 from accel_det.models import build_model
 from accel_det.optim import build_optimizer, build_scheduler, jump_to_step
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 def _resume_from(recipe: Any, run_dir: Path) -> Path | None:

@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from accel_det.errors import WeightsError
+
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class WeightsError(ValueError):
-    pass
 
 
 @dataclass
