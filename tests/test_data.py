@@ -26,7 +26,7 @@ from accel_det.data import (
     load_image,
     make_synthetic_voc,
 )
-from accel_det.data.synthetic import render
+from accel_det.data.synthetic import render, synthetic_dir
 from accel_det.data.yolo import label_path
 
 CLASSES = ["circle", "square", "triangle"]
@@ -284,13 +284,14 @@ def test_sanitize_drops_degenerate_with_labels_and_flags() -> None:
 def test_synthetic_is_deterministic(tmp_path: Path) -> None:
     cfg = SyntheticConfig(num_train=4, num_val=2, img_size=64, max_objects=3, seed=5)
     a = make_synthetic_voc(tmp_path / "a", cfg, CLASSES)
+    assert a == synthetic_dir(tmp_path / "a", cfg) == tmp_path / "a/train4_val2_64px_max3_seed5_v1"
     b = make_synthetic_voc(tmp_path / "b", cfg, list(reversed(CLASSES)))
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert len(files) == 6 * 2 + 3
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     c = make_synthetic_voc(tmp_path / "c", cfg.model_copy(update={"seed": 6}), CLASSES)
     assert (a / "JPEGImages/000000.png").read_bytes() != (c / "JPEGImages/000000.png").read_bytes()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    assert not [p for p in tmp_path.rglob(".*")]  # no temp dirs left behind
     with pytest.raises(DatasetError, match="exactly the classes circle, square, triangle"):
         make_synthetic_voc(tmp_path / "d", cfg, ["circle", "square"])
     # the VOC round trip is exact: the reader's box covers exactly the shape's drawn pixels
@@ -303,9 +304,9 @@ def test_synthetic_is_deterministic(tmp_path: Path) -> None:
         assert 1 <= len(boxes) <= 3 and (boxes[:, 2:] - boxes[:, :2] >= 0.12 * 64 - 1).all()
     # a complete folder published by someone else is kept, not replaced
     mtime = (a / "synthetic.json").stat().st_mtime_ns
-    make_synthetic_voc(a, cfg, CLASSES)
+    assert make_synthetic_voc(tmp_path / "a", cfg, CLASSES) == a
     assert (a / "synthetic.json").stat().st_mtime_ns == mtime
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in tmp_path.rglob(".*")]
 
 
 def test_build_datasets_and_loaders(tmp_path: Path) -> None:
@@ -322,7 +323,7 @@ def test_build_datasets_and_loaders(tmp_path: Path) -> None:
     recipe = load_recipe(None, overrides)
     train_ds, val_ds = build_datasets(recipe)
     assert (len(train_ds), len(val_ds)) == (8, 3)
-    stamp = tmp_path / "shapes/synthetic.json"
+    stamp = synthetic_dir(tmp_path / "shapes", recipe.data.synthetic) / "synthetic.json"
     mtime = stamp.stat().st_mtime_ns
     build_datasets(recipe)  # complete folder: not regenerated
     assert stamp.stat().st_mtime_ns == mtime
@@ -343,14 +344,19 @@ def test_build_datasets_and_loaders(tmp_path: Path) -> None:
     again = [[int(t["image_id"]) for t in b[1]] for b in build_loaders(recipe, train_ds, val_ds, seed=1)[0]]
     assert order == again and sorted(sum(order, [])) == list(range(8))
 
-    # a new synthetic config rebuilds the folder; a folder that is not ours is never overwritten
-    build_datasets(load_recipe(None, [*overrides, "data.synthetic.num_train=5"]))
-    assert len((tmp_path / "shapes/ImageSets/Main/train.txt").read_text().split()) == 5
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine/notes.txt").write_text("precious")
+    # a new synthetic config gets a folder of its own beside the first; a folder that is not ours is never
+    # overwritten
+    other = load_recipe(None, [*overrides, "data.synthetic.num_train=5"])
+    assert len(build_datasets(other)[0]) == 5
+    train_txt = synthetic_dir(tmp_path / "shapes", other.data.synthetic) / "ImageSets/Main/train.txt"
+    assert len(train_txt.read_text().split()) == 5
+    assert stamp.stat().st_mtime_ns == mtime
+    mine = synthetic_dir(tmp_path / "mine", recipe.data.synthetic)
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
     with pytest.raises(DatasetError, match="is not a synthetic dataset"):
         build_datasets(load_recipe(None, [*overrides, f"data.root={tmp_path / 'mine'}"]))
-    assert (tmp_path / "mine/notes.txt").read_text() == "precious"
+    assert (mine / "notes.txt").read_text() == "precious"
 
 
 def test_collate_gray_and_plain_loader(tmp_path: Path) -> None:

@@ -1,6 +1,14 @@
 """Datasets (VOC, COCO, YOLO, synthetic shapes), v2 transforms, collate and loaders built from a recipe."""
 
-from .builder import build_datasets, build_loaders, seed_worker
+from .builder import (
+    build_dataset,
+    build_datasets,
+    build_loaders,
+    build_train_loader,
+    build_val_loader,
+    eval_transforms,
+    seed_worker,
+)
 from .coco import COCODetection
 from .collate import collate_fn
 from .common import DatasetError, DetectionDataset, load_image
@@ -15,10 +23,14 @@ __all__ = [
     "DetectionDataset",
     "VOCDetection",
     "YOLODetection",
+    "build_dataset",
     "build_datasets",
     "build_loaders",
+    "build_train_loader",
+    "build_val_loader",
     "build_transforms",
     "collate_fn",
+    "eval_transforms",
     "load_image",
     "make_synthetic_voc",
     "seed_worker",

@@ -5,61 +5,71 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from accel_det.config import Recipe
 
 from .coco import COCODetection
 from .collate import collate_fn
 from .common import DetectionDataset
-from .synthetic import is_complete, make_synthetic_voc
+from .synthetic import make_synthetic_voc
 from .transforms import build_transforms
 from .voc import VOCDetection
 from .yolo import YOLODetection
 
 
-def build_datasets(recipe: Recipe) -> tuple[DetectionDataset, DetectionDataset]:
-    """(train, val) datasets of ``recipe.data``, with training augments on train and the resize on both.
+def _root(recipe: Recipe) -> tuple[Path, str]:
+    """The folder the split paths are relative to, and the reader format (a synthetic set is a VOC folder,
+    generated on first use)."""
+    data = recipe.data
+    root = Path(data.root)
+    if data.format == "synthetic":
+        # one folder per synthetic config under data.root: a run never replaces another run's images
+        return make_synthetic_voc(root, data.synthetic, data.class_names), "voc"
+    return root, data.format
+
+
+def eval_transforms(recipe: Recipe) -> v2.Compose:
+    """What evaluation, ``evaluate`` and ``predict`` apply to an image: the resize to ``img_dim``, nothing
+    random."""
+    return build_transforms(False, recipe.model.img_dim, [], channels=recipe.model.channels)
+
+
+def build_dataset(recipe: Recipe, split: Literal["train", "val"]) -> DetectionDataset:
+    """One split of ``recipe.data``: training augments on train, the resize on both.
 
     ``data.root`` is relative to the working directory; the split keys are relative to ``data.root``
-    (absolute paths work for all of them)."""
+    (absolute paths work for all of them). Only the asked split is indexed: ``evaluate`` must work when the
+    training files are gone."""
     data, model = recipe.data, recipe.model
-    root = Path(data.root)
+    root, fmt = _root(recipe)
     names = data.class_names
-    train_tf = build_transforms(True, model.img_dim, data.augments, channels=model.channels)
-    val_tf = build_transforms(False, model.img_dim, [], channels=model.channels)
-    fmt = data.format
-    if fmt == "synthetic":
-        if not is_complete(root, data.synthetic):
-            make_synthetic_voc(root, data.synthetic, names)
-        fmt = "voc"
+    train = split == "train"
+    tf = build_transforms(True, model.img_dim, data.augments, channels=model.channels) if train else (
+        eval_transforms(recipe))
+    where = data.train if train else data.val
     if fmt == "voc":
-        return (
-            VOCDetection(
-                root, data.train, names, train_tf, keep_difficult=data.keep_difficult, channels=model.channels
-            ),
-            VOCDetection(root, data.val, names, val_tf, keep_difficult=True, channels=model.channels),
-        )
+        # validation keeps difficult boxes, flagged, for the evaluator to ignore
+        keep = data.keep_difficult if train else True
+        return VOCDetection(root, where, names, tf, keep_difficult=keep, channels=model.channels)
     if fmt == "coco":
         # Crowd boxes are left out of training (torchvision's references do the same: a crowd box is one
         # box around many objects) but kept, flagged difficult, for the evaluator.
-        return (
-            COCODetection(
-                root / data.train, root / data.train_images, names, train_tf, model.channels, keep_crowd=False
-            ),
-            COCODetection(
-                root / data.val, root / data.val_images, names, val_tf, model.channels, keep_crowd=True
-            ),
-        )
+        images = data.train_images if train else data.val_images
+        return COCODetection(root / where, root / images, names, tf, model.channels, keep_crowd=not train)
     if fmt == "yolo":
-        return (
-            YOLODetection(root, data.train, names, train_tf, model.channels),
-            YOLODetection(root, data.val, names, val_tf, model.channels),
-        )
+        return YOLODetection(root, where, names, tf, model.channels)
     raise ValueError(f"unknown data.format {data.format!r}")  # pragma: no cover - config validates it
+
+
+def build_datasets(recipe: Recipe) -> tuple[DetectionDataset, DetectionDataset]:
+    """(train, val) datasets of ``recipe.data``."""
+    return build_dataset(recipe, "train"), build_dataset(recipe, "val")
 
 
 def seed_worker(worker_id: int) -> None:
@@ -80,27 +90,38 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def build_loaders(
-    recipe: Recipe, train_ds: DetectionDataset, val_ds: DetectionDataset, seed: int | None = None
-) -> tuple[DataLoader, DataLoader]:
-    """Plain DataLoaders; ``accelerator.prepare`` shards them across processes later. ``seed`` (default
-    ``train.seed``) fixes the shuffle order of every epoch."""
-    data = recipe.data
-    seed = recipe.train.seed if seed is None else seed
-    workers = data.num_workers
-    common = dict(
+def _loader_kwargs(recipe: Recipe) -> dict[str, Any]:
+    workers = recipe.data.num_workers
+    return dict(
         num_workers=workers,
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         worker_init_fn=seed_worker,
-        drop_last=False,
     )
+
+
+def build_train_loader(recipe: Recipe, dataset: DetectionDataset, seed: int | None = None) -> DataLoader:
+    """Shuffled batches of ``data.batch_size``; ``seed`` (default ``train.seed``) fixes every epoch's order.
+
+    The incomplete last batch is dropped (torchvision's references do the same): a batch of one image
+    breaks BatchNorm in train mode ("Expected more than 1 value per channel"), and a small last batch
+    would weigh its few images like a full one. Shuffling moves different images into the dropped tail
+    each epoch, so none is left out for good."""
     generator = torch.Generator()
-    generator.manual_seed(seed)
-    train_loader = DataLoader(
-        train_ds, batch_size=data.batch_size, shuffle=True, generator=generator, **common
-    )
-    val_bs = recipe.eval.batch_size or data.batch_size
-    val_loader = DataLoader(val_ds, batch_size=val_bs, shuffle=False, **common)
-    return train_loader, val_loader
+    generator.manual_seed(recipe.train.seed if seed is None else seed)
+    return DataLoader(dataset, batch_size=recipe.data.batch_size, shuffle=True, generator=generator,
+                      drop_last=True, **_loader_kwargs(recipe))
+
+
+def build_val_loader(recipe: Recipe, dataset: DetectionDataset) -> DataLoader:
+    """Every val image exactly once, in order (the evaluator must score them all)."""
+    return DataLoader(dataset, batch_size=recipe.eval.batch_size or recipe.data.batch_size, shuffle=False,
+                      drop_last=False, **_loader_kwargs(recipe))
+
+
+def build_loaders(
+    recipe: Recipe, train_ds: DetectionDataset, val_ds: DetectionDataset, seed: int | None = None
+) -> tuple[DataLoader, DataLoader]:
+    """Plain DataLoaders; ``accelerator.prepare`` shards them across processes later."""
+    return build_train_loader(recipe, train_ds, seed), build_val_loader(recipe, val_ds)

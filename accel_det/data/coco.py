@@ -3,6 +3,11 @@
 Category ids are whatever the file says (COCO's own run 1..90 with holes); labels are 1..K in
 ``class_names`` order, found by category *name*, and ``category_ids[label - 1]`` maps back for the
 evaluator. ``iscrowd=1`` (and ``ignore=1``, as in CrowdHuman-style files) become ``difficult``.
+
+Sizes. Where ``images[].width/height`` are given, a box wholly outside them is an error, and they are checked
+against each image's real size (a header read, no decoding; either orientation matches, as EXIF rotation
+swaps them): images resized after annotation keep full-size boxes that the loader would clamp away. A
+mismatch is a warning in ``warnings``; an error when an annotation box reaches beyond the real image.
 """
 
 from __future__ import annotations
@@ -12,7 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import DatasetError, DetectionDataset, DirIndex, Transforms, check_box, make_record
+from .common import (
+    DatasetError,
+    DetectionDataset,
+    DirIndex,
+    Transforms,
+    check_box,
+    check_inside,
+    first_few,
+    image_size,
+    make_record,
+)
+
+SIZE_SLACK = 1.0  # px a box may reach past the real image before the size mismatch counts as losing boxes
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -56,6 +73,13 @@ def _category_map(path: Path, categories: list[Any], class_names: list[str]) -> 
     return {by_name[name]: i + 1 for i, name in enumerate(class_names)}
 
 
+def _declared_size(img: dict[str, Any]) -> tuple[float, float] | None:
+    """images[].(width, height), or None when either is missing or not a positive number (no check then)."""
+    w, h = img.get("width"), img.get("height")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in (w, h))
+    return (float(w), float(h)) if ok else None
+
+
 class COCODetection(DetectionDataset):
     """One COCO split: ``ann_file`` (instances JSON) and the folder its ``file_name``s are relative to.
 
@@ -80,6 +104,7 @@ class COCODetection(DetectionDataset):
 
         order: dict[int, int] = {}
         files: list[str] = []
+        sizes: list[tuple[float, float] | None] = []
         for i, img in enumerate(data["images"]):
             if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not img.get("file_name"):
                 raise DatasetError(f"{self.ann_file}: images[{i}]: needs an integer 'id' and a 'file_name'")
@@ -87,6 +112,7 @@ class COCODetection(DetectionDataset):
                 raise DatasetError(f"{self.ann_file}: images[{i}]: duplicate image id {img['id']}")
             order[img["id"]] = i
             files.append(str(img["file_name"]))
+            sizes.append(_declared_size(img))
         if not files:
             raise DatasetError(f"{self.ann_file}: no images")
 
@@ -111,16 +137,41 @@ class COCODetection(DetectionDataset):
             x, y, w, h = (float(v) for v in bbox)
             xyxy = [x, y, x + w, y + h]  # COCO boxes are already continuous 0-based pixels
             check_box(xyxy, where)
+            size = sizes[order[ann["image_id"]]]
+            if size is not None:
+                check_inside(xyxy, *size, f"{where} of {files[order[ann['image_id']]]}")
             boxes, labels, difficult = per_image[order[ann["image_id"]]]
             boxes.append(xyxy)
             labels.append(cat_to_label[ann["category_id"]])
             difficult.append(bool(ann.get("iscrowd", 0)) or bool(ann.get("ignore", 0)))
 
         images = DirIndex()
+        mismatched: list[str] = []
+        losing: list[str] = []
         for (image_id, i), (boxes, labels, difficult) in zip(order.items(), per_image, strict=True):
             path = self.image_dir / files[i]
             if not images.exists(path):
                 raise DatasetError(
                     f"{path}: image file missing (images[{i}] id {image_id} of {self.ann_file})"
                 )
+            if sizes[i] is not None:
+                declared = sizes[i]
+                raw = image_size(path, oriented=False)
+                if declared not in (raw, raw[::-1]):
+                    real = image_size(path)  # only now pay for EXIF (PNG decodes to reach it)
+                    what = f"{files[i]} (declared {declared[0]:g}x{declared[1]:g}, real {real[0]}x{real[1]})"
+                    mismatched.append(what)
+                    if any(b[2] > real[0] + SIZE_SLACK or b[3] > real[1] + SIZE_SLACK for b in boxes):
+                        losing.append(f"{path}: declared {declared[0]:g}x{declared[1]:g}, real {real[0]}x{real[1]}")
             self.records.append(make_record(path, image_id, boxes, labels, difficult))
+        if losing:
+            raise DatasetError(
+                f"{losing[0]} in {self.ann_file}: annotation boxes reach beyond the real image "
+                f"({len(losing)} image(s) like this); were the images resized after annotation? "
+                "Fix images[].width/height and the boxes, or the images"
+            )
+        if mismatched:
+            self.warnings.append(
+                f"{self.ann_file}: images[].width/height differ from the real size of {len(mismatched)} "
+                f"image(s), boxes kept as annotated: {first_few(mismatched)}"
+            )

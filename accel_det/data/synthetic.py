@@ -4,9 +4,12 @@ It lets the demo recipe and the tests train and evaluate a detector with nothing
 is drawn from its own ``numpy`` Generator seeded by ``(seed, index)``, so a given seed always gives the
 same bytes (PNG, lossless) and the images do not depend on how many there are.
 
-The folder is built in a temporary sibling and renamed into place, with ``synthetic.json`` (the config)
-written last: a folder that has the stamp is complete. Several processes (one per GPU) may build at the
-same time; the first rename wins and the others throw their copy away.
+Each config gets its own folder under ``data.root``, ``synthetic_dir(root, cfg)`` (e.g.
+``train320_val64_128px_max4_seed0_v1``): a run never replaces a set another run may be reading, so runs with
+different synthetic configs can share a ``data.root``. The folder is built in a temporary sibling and
+renamed into place, with ``synthetic.json`` (the config) written last: a folder that has the stamp is
+complete. Several processes (one per GPU) may build the same config at the same time; the first rename wins
+and the others throw their copy away. Nothing here deletes or renames a folder it did not create.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 import xml.etree.ElementTree as ET
@@ -37,10 +41,27 @@ def stamp_for(cfg: SyntheticConfig) -> dict[str, Any]:
     return {"generator": "accel_det.data.synthetic", "version": GENERATOR_VERSION, "config": cfg.model_dump()}
 
 
-def is_complete(root: Path, cfg: SyntheticConfig) -> bool:
-    """True when ``root`` holds a finished synthetic set built from exactly this config."""
+def synthetic_dir(root: str | Path, cfg: SyntheticConfig) -> Path:
+    """The folder under ``root`` that holds the synthetic set of ``cfg``: a readable slug of every config
+    field and of the generator version, so two configs never share a folder."""
+    fields = cfg.model_dump()
+    parts = [
+        f"train{fields.pop('num_train')}",
+        f"val{fields.pop('num_val')}",
+        f"{fields.pop('img_size')}px",
+        f"max{fields.pop('max_objects')}",
+        f"seed{fields.pop('seed')}",
+    ]
+    # fields added to SyntheticConfig later still make the name unique, if less pretty
+    parts += [f"{key}{value}" for key, value in sorted(fields.items())]
+    parts.append(f"v{GENERATOR_VERSION}")
+    return Path(root) / "_".join(re.sub(r"[^A-Za-z0-9.+-]+", "-", part) for part in parts)
+
+
+def is_complete(path: str | Path, cfg: SyntheticConfig) -> bool:
+    """True when ``path`` (a ``synthetic_dir``) holds a finished synthetic set built from exactly this config."""
     try:
-        return json.loads((Path(root) / STAMP).read_text(encoding="utf-8")) == stamp_for(cfg)
+        return json.loads((Path(path) / STAMP).read_text(encoding="utf-8")) == stamp_for(cfg)
     except (OSError, ValueError):
         return False
 
@@ -152,45 +173,49 @@ def _write(tmp: Path, cfg: SyntheticConfig) -> None:
     (tmp / STAMP).write_text(json.dumps(stamp_for(cfg), indent=2, sort_keys=True) + "\n")  # last: "complete"
 
 
-def _publish(tmp: Path, root: Path, cfg: SyntheticConfig) -> None:
-    """Rename ``tmp`` to ``root``; keep a complete set another process published first; replace an older
-    synthetic set; never delete a folder that is not one of ours."""
-    for _ in range(5):
-        try:
-            os.rename(tmp, root)  # atomic; succeeds when root is missing or an empty folder
-            return
-        except OSError:
-            pass
-        if is_complete(root, cfg):  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        if not (root / STAMP).exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DatasetError(
-                f"{root}: exists and is not a synthetic dataset (no {STAMP}); "
-                "remove it or choose another data.root"
-            )
-        trash = root.with_name(f".{root.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(root, trash)  # a synthetic set from another config: move aside, then retry
-        except FileNotFoundError:
-            continue  # someone else moved it already
-        shutil.rmtree(trash, ignore_errors=True)
+def _publish(tmp: Path, dest: Path, cfg: SyntheticConfig) -> None:
+    """Rename ``tmp`` to ``dest``; keep a complete set another process published first (and drop ``tmp``);
+    never touch a ``dest`` that holds anything else."""
+    try:
+        os.rename(tmp, dest)  # atomic; succeeds when dest is missing or an empty folder
+        return
+    except OSError as exc:
+        failure = exc
     shutil.rmtree(tmp, ignore_errors=True)
-    raise DatasetError(f"{root}: could not publish the synthetic dataset (other processes keep replacing it)")
+    if is_complete(dest, cfg):  # another process won the race
+        return
+    if not dest.is_dir():
+        raise DatasetError(f"data.root: cannot create {dest}: {_reason(failure)}")
+    what = "a synthetic dataset of another config" if (dest / STAMP).exists() else "not a synthetic dataset"
+    raise DatasetError(
+        f"{dest}: exists and is {what} (no matching {STAMP}); remove it or choose another data.root"
+    )
+
+
+def _reason(exc: OSError) -> str:
+    """``[Errno 2] No such file or directory``: the OS error without the path, which the caller names."""
+    return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None else str(exc)
 
 
 def make_synthetic_voc(root: str | Path, cfg: SyntheticConfig, class_names: list[str]) -> Path:
-    """Build the synthetic VOC folder at ``root`` (JPEGImages/*.png, Annotations/*.xml,
-    ImageSets/Main/{train,val}.txt, synthetic.json) and return ``root``."""
+    """Build the synthetic set of ``cfg`` unless it is already complete, and return its folder
+    ``synthetic_dir(root, cfg)`` (JPEGImages/*.png, Annotations/*.xml, ImageSets/Main/{train,val}.txt,
+    synthetic.json). ``root`` is ``data.root``; errors name that key."""
     _check_classes(class_names)
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    dest = synthetic_dir(root, cfg)
+    if is_complete(dest, cfg):
+        return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"data.root: cannot create {dest.parent}: {_reason(exc)}") from None
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         _write(tmp, cfg)
-    except BaseException:
+    except BaseException as exc:  # Ctrl-C included: never leave a half-written .tmp folder behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise DatasetError(f"data.root: cannot write {dest}: {_reason(exc)}") from None
         raise
-    _publish(tmp, root, cfg)
-    return root
+    _publish(tmp, dest, cfg)
+    return dest

@@ -6,17 +6,32 @@ and IoU mean) those columns span [0, 10], so we read ``x1 = xmin - 1, y1 = ymin 
 (detectron2's ``pascal_voc.py`` does the same; ssd.pytorch/FaceBoxes subtract 1 from all four, which makes
 every box a pixel too small). Areas then equal the devkit's ``(xmax - xmin + 1) * (ymax - ymin + 1)``
 without the +1 hacks, and ``synthetic.py`` writes the inverse so the round trip is exact.
+
+Which image. As in the VOC devkit, an image is identified by its id in ImageSets: ``JPEGImages/<id>.<ext>``
+(any common image suffix, any case) wins; the XML's ``<filename>`` is only a fallback, because in hand-made
+datasets it is often stale (copied XMLs, renamed files) and may name *another* existing picture. XMLs whose
+``<filename>`` disagrees with the image used are reported in ``warnings``.
 """
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import DatasetError, DetectionDataset, DirIndex, Transforms, check_box, make_record, read_lines
-
-_IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
+from .common import (
+    DatasetError,
+    DetectionDataset,
+    DirIndex,
+    Transforms,
+    check_box,
+    check_inside,
+    first_few,
+    is_hidden,
+    make_record,
+    read_lines,
+)
 
 
 def read_split(root: Path, split: str) -> list[str]:
@@ -25,7 +40,7 @@ def read_split(root: Path, split: str) -> list[str]:
         ann_dir = root / "Annotations"
         if not ann_dir.is_dir():
             raise DatasetError(f"{ann_dir}: annotation folder missing")
-        return sorted(p.stem for p in ann_dir.glob("*.xml"))
+        return sorted(p.stem for p in ann_dir.glob("*.xml") if not is_hidden(p, ann_dir))
     path = root / split
     lines = read_lines(path, "split file")
     # Class-specific VOC split files carry a second column ("000005 -1"); only the id matters here.
@@ -35,6 +50,25 @@ def read_split(root: Path, split: str) -> list[str]:
 def _text(node: ET.Element, tag: str) -> str | None:
     child = node.find(tag)
     return None if child is None or child.text is None else child.text.strip()
+
+
+def _declared_size(root: ET.Element) -> tuple[float, float] | None:
+    """(width, height) of ``<size>``, or None when absent or unusable (many converters write 0 or nothing:
+    then boxes are simply not checked against it)."""
+    size = root.find("size")
+    if size is None:
+        return None
+    try:
+        w, h = float(_text(size, "width") or ""), float(_text(size, "height") or "")
+    except ValueError:
+        return None
+    return (w, h) if all(math.isfinite(v) and v > 0 for v in (w, h)) else None
+
+
+def _same_image(filename: str, path: Path) -> bool:
+    """Whether ``<filename>`` names ``path`` (a missing extension or a different case is not a disagreement)."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    return name in (path.name.lower(), path.stem.lower())
 
 
 def parse_voc_xml(
@@ -50,6 +84,7 @@ def parse_voc_xml(
     except OSError as exc:
         raise DatasetError(f"{xml_path}: cannot read: {exc}") from None
     root = tree.getroot()
+    size = _declared_size(root)
     boxes: list[list[float]] = []
     labels: list[int] = []
     difficult: list[bool] = []
@@ -69,12 +104,15 @@ def parse_voc_xml(
             raise DatasetError(f"{where}: <bndbox> needs numeric xmin, ymin, xmax, ymax") from None
         xmin, ymin, xmax, ymax = coords
         check_box([xmin, ymin, xmax, ymax], where)
+        box = [xmin - 1.0, ymin - 1.0, xmax, ymax]  # see the module docstring
+        if size is not None:
+            check_inside(box, *size, where)
         flag = _text(obj, "difficult") or "0"
         try:
             is_difficult = bool(int(float(flag)))
         except ValueError:
             raise DatasetError(f"{where}: <difficult> is {flag!r}, expected 0 or 1") from None
-        boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])  # see the module docstring
+        boxes.append(box)
         labels.append(class_index[name])
         difficult.append(is_difficult)
     return _text(root, "filename"), boxes, labels, difficult
@@ -108,15 +146,22 @@ class VOCDetection(DetectionDataset):
             )
         images = DirIndex()
         img_dir = self.root / "JPEGImages"
+        stale: list[str] = []
         for idx, image_id in enumerate(ids):
             xml_path = self.root / "Annotations" / f"{image_id}.xml"
             filename, boxes, labels, difficult = parse_voc_xml(xml_path, class_index, known)
-            # <filename> is often stale in hand-made datasets (renamed files, missing extension), so it is
-            # only the first guess.
-            candidates = [img_dir / filename] if filename else []
-            candidates += [img_dir / f"{image_id}{suffix}" for suffix in _IMAGE_SUFFIXES]
-            path = next((c for c in candidates if images.exists(c)), None)
+            # the id decides (see the module docstring); <filename> only when no image carries the id
+            path = images.find_image(img_dir / image_id)
+            if path is None and filename and images.exists(img_dir / filename):
+                path = img_dir / filename
             if path is None:
-                tried = ", ".join(c.name for c in candidates)
+                tried = f"{image_id}.<jpg|jpeg|png|...>" + (f", {filename}" if filename else "")
                 raise DatasetError(f"{xml_path}: image file missing (tried {img_dir}/ {tried})")
+            if filename and not _same_image(filename, path):
+                stale.append(f"{xml_path.name} (<filename> {filename}, used {path.name})")
             self.records.append(make_record(path, idx, boxes, labels, difficult))
+        if stale:
+            self.warnings.append(
+                f"{self.root / 'Annotations'}: {len(stale)} annotation(s) name another image in <filename> "
+                f"than the one of their id, which is used: {first_few(stale)}"
+            )

@@ -2,7 +2,9 @@
 
 Each label line is ``cls cx cy w h``, normalised to the image size (after EXIF rotation, as ultralytics
 does), with ``cls`` 0-based; a polygon line ``cls x1 y1 x2 y2 ...`` (segment datasets) gives its bounding
-box. A missing label file means no objects. Class index k becomes label k+1, and ``category_ids`` are the
+box. A missing label file means no objects. Coordinates beyond [0, 1] by more than
+``NORMALISED_MARGIN`` mean pixel labels (a common export mistake) and are an error; smaller excursions are
+rounding and are clamped at load. Class index k becomes label k+1, and ``category_ids`` are the
 0-based indices so the evaluator can write predictions back in the dataset's own numbering.
 """
 
@@ -19,9 +21,12 @@ from .common import (
     DirIndex,
     Transforms,
     check_box,
+    is_hidden,
     make_record,
     read_lines,
 )
+
+NORMALISED_MARGIN = 0.01  # rounding slack around [0, 1] before a coordinate counts as "in pixels"
 
 
 def label_path(image: Path) -> Path:
@@ -36,10 +41,15 @@ def label_path(image: Path) -> Path:
 
 
 def list_images(root: Path, split: str) -> list[Path]:
-    """Images of a split: every image under a folder (recursive, sorted), or the lines of a list file."""
+    """Images of a split: every image under a folder (recursive, sorted; hidden files and folders such as
+    macOS ``._x.jpg`` are skipped), or the lines of a list file."""
     where = root / split
     if where.is_dir():
-        images = sorted(p for p in where.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images = sorted(
+            p
+            for p in where.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, where) and p.is_file()
+        )
         if not images:
             raise DatasetError(f"{where}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return images
@@ -92,6 +102,12 @@ def parse_label_file(path: Path, num_classes: int) -> tuple[list[list[float]], l
             raise DatasetError(f"{where}: class {int(cls)} >= {num_classes} classes")
         if not all(math.isfinite(v) for v in values[1:]):
             raise DatasetError(f"{where}: non-finite value in {line.strip()!r}")
+        outside = [f"{v:g}" for v in values[1:] if not -NORMALISED_MARGIN <= v <= 1 + NORMALISED_MARGIN]
+        if outside:
+            raise DatasetError(
+                f"{where}: YOLO coordinates must be normalised to [0, 1], got {', '.join(outside)} "
+                f"in {line.strip()!r}"
+            )
         if len(values) == 5:
             cx, cy, w, h = values[1:]
             if w < 0 or h < 0:
