@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
-from accel_det.models.box_coder import BoxCoder, cxcywh_to_xyxy
+from accel_det.ops.boxes import BoxCoder, cxcywh_to_xyxy
 
 
 def match(

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,10 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from accel_det.config import AnchorConfig, Recipe
-from accel_det.models.box_coder import BoxCoder
+from accel_det.losses.multibox import MultiBoxLoss
 from accel_det.models.init import init_conf_bias, init_weights
 from accel_det.models.priors import PriorBox
-
-if TYPE_CHECKING:  # losses.multibox imports models.box_coder: a module-level import here is a cycle
-    from accel_det.losses.multibox import MultiBoxLoss
+from accel_det.ops.boxes import BoxCoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,8 +161,6 @@ def build_anchor_detector(
     std: Sequence[float] | None = None,
 ) -> AnchorDetector:
     """Assemble a native detector from the recipe; ``make_net(anchors per cell per level)``."""
-    from accel_det.losses.multibox import MultiBoxLoss
-
     m = recipe.model
     priors = PriorBox(anchors)
     net = make_net(priors.num_anchors())

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,19 +44,68 @@ class LoadReport:
         return "; ".join(parts)
 
 
+_TORCH_MAGICS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a legacy (pre-1.6) pickle
+_UNPICKLER_MARK = "WeightsUnpickler error:"
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By content where it is unambiguous (a misnamed file still loads), else by the ``.safetensors`` suffix."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head.startswith(_TORCH_MAGICS):
+        return False
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:] == b"{":
+        return True
+    return path.suffix == ".safetensors"
+
+
+def _read_error(path: Path, exc: Exception) -> WeightsError:
+    """One line for a file that torch/safetensors cannot read.
+
+    torch's ``weights_only`` failures are a paragraph of advice (including "load with weights_only=False",
+    which we never do: a pickle can run code); the cause is the text after "WeightsUnpickler error:".
+    """
+    msg = str(exc)
+    if _UNPICKLER_MARK in msg:
+        msg = msg.split(_UNPICKLER_MARK, 1)[1]
+        found = _UNSUPPORTED_GLOBAL.search(msg)
+        if found:
+            # a real checkpoint that also pickles Python objects (argparse.Namespace, numpy scalars, ...)
+            return WeightsError(
+                f"{path}: the torch checkpoint holds a Python object that safe loading refuses "
+                f"({found.group(1)}); save only the state_dict, or save it as .safetensors"
+            )
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > 160:
+        first = first[:157] + "..."
+    reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return WeightsError(f"{path}: not a readable torch/safetensors weights file ({reason})")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The file's tensors by key, wrappers and prefixes removed; :class:`WeightsError` (one line) otherwise."""
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"{p}: weights file not found")
+    if p.stat().st_size == 0:
+        raise WeightsError(f"{p}: empty file, not a torch/safetensors weights file")
     try:
-        if p.suffix == ".safetensors":
+        if _is_safetensors(p):
             from safetensors.torch import load_file
 
             sd = load_file(str(p), device="cpu")
         else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # "Detected pickle protocol N": noise on top of the one-line error a garbage file gets
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                # a file object, not the path: recent torch.load hands any *.safetensors path to safetensors
+                with p.open("rb") as f:
+                    sd = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt/truncated files raise many different types; name the file
-        raise WeightsError(f"{p}: cannot read weights: {type(exc).__name__}: {exc}") from None
+        raise _read_error(p, exc) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -90,6 +141,7 @@ def _best_prefix(file_keys: list[str], model_keys: set[str]) -> str:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """Load what fits of ``path`` into ``model`` (see the module docstring); every error is one line."""
     sd = read_state_dict(path)
     target = model.state_dict()
     prefix = _best_prefix(list(sd), set(target))
@@ -105,7 +157,17 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
             usable[mk] = v
             report.loaded.append(mk)
     if not usable:
-        raise WeightsError(f"{path}: no tensor matches the model ({len(sd)} in the file)")
+        # name one key of each side: a wrong file and a wrong prefix look alike until you see the keys
+        hint = f"{len(sd)} in the file"
+        if report.skipped:
+            hint += f", {len(report.skipped)} by name but another shape, e.g. {report.skipped[0]}"
+        elif sd:
+            hint += f", e.g. {next(iter(sd))!r}; the model's are like {next(iter(target), '')!r}"
+        raise WeightsError(f"{path}: no tensor matches the model ({hint})")
     report.missing = [k for k in target if k not in usable]
-    model.load_state_dict(usable, strict=False)
+    try:
+        model.load_state_dict(usable, strict=False)
+    except RuntimeError as exc:  # torch's message is a header line plus one line per tensor
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise WeightsError(f"{path}: cannot load into the model: {'; '.join(lines[:3])}") from None
     return report

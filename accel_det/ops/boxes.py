@@ -1,4 +1,9 @@
-"""SSD box coding (Liu et al. 2016, eq. 2): offsets of a box from its prior, scaled by ``variance``.
+"""Box conversions and SSD box coding, shared by ``accel_det.models`` and ``accel_det.losses``.
+
+Neutral ground (as DETR's ``util/box_ops.py``): it imports only torch, so the criterion can use the
+coder without importing the models package, and the models can import the criterion at module level.
+
+SSD box coding (Liu et al. 2016, eq. 2): offsets of a box from its prior, scaled by ``variance``.
 
 ``encode``: centre offsets in units of the prior size divided by ``variance[0]``, log size ratios
 divided by ``variance[1]``. The variances (0.1, 0.2) only rescale the targets to roughly unit variance
@@ -12,11 +17,13 @@ import torch
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) centre x, centre y, width, height -> x1, y1, x2, y2."""
     half = boxes[..., 2:] / 2
     return torch.cat([boxes[..., :2] - half, boxes[..., :2] + half], dim=-1)
 
 
 def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) x1, y1, x2, y2 -> centre x, centre y, width, height."""
     return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], dim=-1)
 
 
