@@ -1,4 +1,4 @@
-"""The recipe: one pydantic model per TOML table, ``load_recipe()`` and ``key=value`` overrides.
+"""The recipe: one pydantic model per TOML table (``load_recipe()``, overrides and errors: config_io.py).
 
 This module must stay importable without torch: ``accel-det validate`` runs in well under a second.
 Every model forbids unknown keys; every key here is read somewhere in the package.
@@ -9,36 +9,73 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from accel_det.errors import RecipeError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-# Registered model names, kept here so that validating a recipe never imports torch.
-# tests/test_models.py asserts this equals the registry's names.
-NATIVE_MODELS = ("faceboxes", "ssdlite_mobilenet_v3", "ssdlite_resnet18")
-TORCHVISION_MODELS = (
-    "tv_ssdlite320_mobilenet_v3_large",
-    "tv_ssd300_vgg16",
-    "tv_fasterrcnn_mobilenet_v3_large_320_fpn",
-    "tv_retinanet_resnet50_fpn_v2",
-    "tv_fcos_resnet50_fpn",
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
 )
-KNOWN_MODELS = NATIVE_MODELS + TORCHVISION_MODELS
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Prob = Annotated[float, Field(ge=0, le=1)]
+# the model names live in the torch-free catalog; re-exported here, where tests and modules import them
+from accel_det.catalog import (
+    KNOWN_MODELS,
+    NATIVE_INFO,
+    NATIVE_MODELS,
+    TORCHVISION_MODELS,
+    default_anchors,
+    faceboxes_anchors,
+)
+from accel_det.errors import RecipeError
+from accel_det.trackers import TRACKERS
+
+__all__ = [
+    "KNOWN_MODELS",
+    "NATIVE_MODELS",
+    "TORCHVISION_MODELS",
+    "TRACKERS",
+    "AnchorConfig",
+    "ModelConfig",
+    "Recipe",
+    "RecipeError",
+    "SyntheticConfig",
+    "apply_overrides",
+    "load_recipe",
+    "parse_override",
+    "reference_markdown",
+]
+
+# Strict scalars: TOML has real ints, floats and bools, so `max_epoch = true` or `lr = "0.1"` is a mistake
+# to report, not to coerce (pydantic's lax mode reads true as 1 and "1" as 1). Floats still take ints
+# (`lr = 1`). Strict() sits on the scalars only: global strict mode would also refuse TOML arrays for
+# tuple fields.
+StrictInt = Annotated[int, Strict()]
+StrictFloat = Annotated[float, Strict()]
+StrictBool = Annotated[bool, Strict()]
+PosInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
+PosFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+Prob = Annotated[float, Strict(), Field(ge=0, le=1)]
+NonNegFloat = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
+Factor = Annotated[float, Strict(), Field(gt=0, le=1)]  # (0, 1]: decay and warmup factors
+UnitOpen = Annotated[float, Strict(), Field(ge=0, lt=1)]  # [0, 1): momentum, betas
+
+
+class _KeyError(ValueError):
+    """A validator's error about a key below (or beside) the validated table: ``key`` is dotted, relative
+    to the table whose validator raised it, and ``_format_error`` appends it to the error's location."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = tuple(key.split("."))
 
 
 class _Table(BaseModel):
@@ -61,30 +98,38 @@ class OutputConfig(_Table):
     root: str = Field("runs", description="Folder that holds every mission's run dirs")
     checkpoint_freq: NonNegInt = Field(1, description="Save a checkpoint every N epochs (0 = only the last)")
     keep_last: NonNegInt = Field(3, description="Keep the newest N epoch checkpoints (0 = keep all)")
-    save_best: bool = Field(True, description="Keep checkpoints/best by eval's headline metric")
+    save_best: StrictBool = Field(True, description="Keep checkpoints/best by eval's headline metric")
     resume: str = Field(
         "auto", description="'auto' (latest checkpoint in the run dir), 'never', or a checkpoint path"
     )
 
 
 class AnchorConfig(_Table):
+    """``[model.anchors]``. Standalone, the defaults are FaceBoxes'; in a recipe, every key left out takes
+    the chosen model's default (``ModelConfig`` resolves them) and ``model_fields_set`` keeps the keys the
+    recipe set."""
+
     min_sizes: list[list[PosFloat]] = Field(
-        default_factory=lambda: [[32.0, 64.0, 128.0], [256.0], [512.0]],
-        description="Anchor sizes (px at img_dim) per feature map",
+        default_factory=lambda: faceboxes_anchors()["min_sizes"],
+        description="Anchor sizes (px at img_dim) per feature map (faceboxes: 32/64/128, 256, 512; ssdlite: "
+        "fractions of img_dim). Every key left out takes the model's default",
     )
     steps: list[PosInt] = Field(
-        default_factory=lambda: [32, 64, 128], description="Stride (px) of each feature map"
+        default_factory=lambda: faceboxes_anchors()["steps"],
+        description="Stride (px) of each feature map: the model's (faceboxes 32/64/128, ssdlite 8/16/32/64)",
     )
     aspect_ratios: list[list[PosFloat]] = Field(
-        default_factory=list,
+        default_factory=lambda: faceboxes_anchors()["aspect_ratios"],
         description="Extra aspect ratios (w/h) per feature map; each r adds r and 1/r. [] = square only",
     )
-    densify: bool = Field(
-        True,
+    densify: StrictBool = Field(
+        faceboxes_anchors()["densify"],
         description="FaceBoxes anchor densification: tile anchors smaller than 4x the stride (false for SSD anchors)",
     )
-    variance: tuple[PosFloat, PosFloat] = Field((0.1, 0.2), description="SSD box-coder variances")
-    clip: bool = Field(False, description="Clip prior boxes to the image")
+    variance: tuple[PosFloat, PosFloat] = Field(
+        faceboxes_anchors()["variance"], description="SSD box-coder variances"
+    )
+    clip: StrictBool = Field(faceboxes_anchors()["clip"], description="Clip prior boxes to the image")
 
     @model_validator(mode="after")
     def _same_length(self) -> AnchorConfig:
@@ -97,6 +142,44 @@ class AnchorConfig(_Table):
                 f"aspect_ratios has {len(self.aspect_ratios)} feature maps but steps has {len(self.steps)}"
             )
         return self
+
+
+def _given_anchor_keys(value: Any) -> dict[str, Any] | None:
+    """The keys a ``[model.anchors]`` value sets (a table, an AnchorConfig, None), or None for a value of
+    another type (left to pydantic to report)."""
+    if value is None:
+        return {}
+    if isinstance(value, AnchorConfig):
+        return {k: getattr(value, k) for k in value.model_fields_set}
+    if isinstance(value, dict):
+        return dict(value)
+    return None
+
+
+def _model_anchors(
+    name: str, img_dim: int, given: dict[str, Any], validate: Callable[[Any], AnchorConfig]
+) -> AnchorConfig:
+    """``given`` completed with the model's defaults at img_dim; fields_set stays ``given``'s keys, so a
+    later change of model.name or model.img_dim re-derives the rest."""
+    strides = NATIVE_INFO[name].strides
+    merged = {**default_anchors(name, img_dim), **given}
+    # Lengths first, on the keys the recipe set: a default of the model's length must not be what a wrong
+    # length is compared with ("aspect_ratios has 4 feature maps" when the recipe never set it).
+    lengths = {
+        k: len(v)
+        for k in ("steps", "min_sizes", "aspect_ratios")
+        if isinstance(v := given.get(k), list) and (v or k != "aspect_ratios")
+    }
+    if len(set(lengths.values())) > 1:
+        validate(merged)  # raises: AnchorConfig names the two keys that disagree
+    for key, n in lengths.items():
+        if n != len(strides):
+            raise _KeyError(
+                key, f"{name} has {len(strides)} feature maps (strides {list(strides)}) but {key} lists {n}"
+            )
+    anchors = validate(merged)
+    anchors.__pydantic_fields_set__ = set(given) & set(AnchorConfig.model_fields)
+    return anchors
 
 
 class ModelConfig(_Table):
@@ -113,8 +196,11 @@ class ModelConfig(_Table):
     loc_loss: Literal["smooth_l1", "l1"] = Field("smooth_l1", description="MultiBox localisation loss")
     neg_pos_ratio: PosFloat = Field(3.0, description="MultiBox hard-negative mining negatives per positive")
     match_iou: Prob = Field(0.35, description="MultiBox: IoU for a prior to match a ground-truth box")
+    # Declared after name and img_dim: the validator below reads them from info.data.
     anchors: AnchorConfig | None = Field(
-        None, description="Prior boxes of native anchor models; default: the model's own"
+        None,
+        description="Prior boxes of native anchor models; keys left out take the model's defaults at img_dim. "
+        "Always complete for a native model after validation (recipe.json records them); null otherwise",
     )
 
     @field_validator("name")
@@ -124,12 +210,42 @@ class ModelConfig(_Table):
             raise ValueError(f"unknown model {v!r}{_suggest(v, KNOWN_MODELS)}; known: {', '.join(KNOWN_MODELS)}")
         return v
 
+    @field_validator("anchors", mode="wrap")
+    @classmethod
+    def _resolve_anchors(
+        cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> AnchorConfig | None:
+        # Complete the table *before* AnchorConfig validates it: completed with FaceBoxes' defaults, a
+        # partial SSD table would fail (or, worse, pass) on the wrong model's anchors.
+        name, img_dim = info.data.get("name"), info.data.get("img_dim")
+        given = _given_anchor_keys(v)
+        if name not in NATIVE_INFO or img_dim is None or given is None:
+            # a torchvision model (a table is rejected below), or name/img_dim already failed
+            return handler(v)
+        return _model_anchors(name, img_dim, given, handler)
+
     @model_validator(mode="after")
-    def _anchors_only_native(self) -> ModelConfig:
+    def _anchors_fit_model(self) -> ModelConfig:
         if self.anchors is not None and self.name not in NATIVE_MODELS:
             raise ValueError(f"[model.anchors] applies only to native models ({', '.join(NATIVE_MODELS)})")
         if self.name in TORCHVISION_MODELS and self.channels != 3:
             raise ValueError("torchvision detectors take 3-channel images (channels = 3)")
+        if self.name in NATIVE_INFO:
+            # validate_assignment of name or img_dim runs only this validator: re-derive the unset keys
+            given = _given_anchor_keys(self.anchors) or {}
+            try:
+                anchors = _model_anchors(self.name, self.img_dim, given, AnchorConfig.model_validate)
+            except ValidationError as exc:
+                raise _KeyError("anchors", exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+            if anchors != self.anchors:
+                self.__dict__["anchors"] = anchors  # already validated; setattr would validate again
+            strides = list(NATIVE_INFO[self.name].strides)
+            if anchors.steps != strides:
+                raise _KeyError(
+                    "anchors.steps",
+                    f"must be {strides}: {self.name} predicts on {len(strides)} feature maps at these strides "
+                    f"(got {anchors.steps})",
+                )
         return self
 
 
@@ -138,7 +254,7 @@ class SyntheticConfig(_Table):
     num_val: PosInt = Field(64, description="Synthetic validation images")
     img_size: PosInt = Field(128, description="Synthetic image size (px)")
     max_objects: PosInt = Field(4, description="At most this many shapes per image")
-    seed: int = Field(0, description="Generator seed: same seed, same images")
+    seed: StrictInt = Field(0, description="Generator seed: same seed, same images")
 
 
 class DataConfig(_Table):
@@ -160,7 +276,7 @@ class DataConfig(_Table):
     augments: list[Literal["photometric", "zoom_out", "iou_crop", "hflip"]] = Field(
         default_factory=lambda: ["hflip"], description="Training augments (torchvision.transforms.v2)"
     )
-    keep_difficult: bool = Field(False, description="voc: train on boxes marked difficult")
+    keep_difficult: StrictBool = Field(False, description="voc: train on boxes marked difficult")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @field_validator("class_names")
@@ -183,13 +299,13 @@ class DataConfig(_Table):
 class OptimizerConfig(_Table):
     name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimizer")
     lr: PosFloat = Field(1e-3, description="Base learning rate")
-    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD momentum")
-    nesterov: bool = Field(False, description="SGD Nesterov momentum")
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+    momentum: UnitOpen = Field(0.9, description="SGD momentum")
+    nesterov: StrictBool = Field(False, description="SGD Nesterov momentum")
+    betas: tuple[UnitOpen, UnitOpen] = Field(
         (0.9, 0.999), description="Adam/AdamW betas, each in [0, 1)"
     )
-    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(5e-4, description="Weight decay")
-    no_decay_norm_bias: bool = Field(True, description="No weight decay on norm weights and biases")
+    weight_decay: NonNegFloat = Field(5e-4, description="Weight decay")
+    no_decay_norm_bias: StrictBool = Field(True, description="No weight decay on norm weights and biases")
 
     @model_validator(mode="after")
     def _nesterov(self) -> OptimizerConfig:
@@ -202,10 +318,10 @@ class SchedulerConfig(_Table):
     name: Literal["multistep", "step", "cosine", "constant"] = Field("multistep", description="LR schedule")
     milestones: list[PosInt] = Field(default_factory=list, description="multistep: epochs where LR *= gamma")
     step_size: PosInt = Field(30, description="step: LR *= gamma every step_size epochs")
-    gamma: Annotated[float, Field(gt=0, le=1)] = Field(0.1, description="multistep/step decay factor")
+    gamma: Factor = Field(0.1, description="multistep/step decay factor")
     min_lr_ratio: Prob = Field(0.0, description="cosine: final LR as a fraction of the base LR")
     warmup_iters: NonNegInt = Field(0, description="Warmup length in optimizer steps")
-    warmup_factor: Annotated[float, Field(gt=0, le=1)] = Field(0.001, description="LR factor at step 0")
+    warmup_factor: Factor = Field(0.001, description="LR factor at step 0")
     warmup_method: Literal["linear", "constant"] = Field("linear", description="Warmup shape")
 
     @field_validator("milestones")
@@ -222,31 +338,27 @@ class TrainConfig(_Table):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="'auto' takes the launcher's setting"
     )
-    gpu_train: Literal["auto"] | bool = Field(
+    gpu_train: Literal["auto"] | StrictBool = Field(
         "auto", description="true: require a GPU; false: CPU (Accelerator(cpu=True)); 'auto': GPU if visible"
     )
-    seed: int = Field(0, description="Seed for torch/numpy/python on every process")
-    clip_grad_norm: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+    seed: StrictInt = Field(0, description="Seed for torch/numpy/python on every process")
+    clip_grad_norm: NonNegFloat = Field(
         0.0, description="Max grad norm (0 = off)"
     )
     log_freq: PosInt = Field(10, description="Batches between plain log lines when stdout is not a TTY")
-    cudnn_benchmark: bool = Field(True, description="torch.backends.cudnn.benchmark")
-    loss_fp32: bool = Field(True, description="Compute native models' losses in fp32 under autocast")
+    cudnn_benchmark: StrictBool = Field(True, description="torch.backends.cudnn.benchmark")
+    loss_fp32: StrictBool = Field(True, description="Compute native models' losses in fp32 under autocast")
 
 
 class EvalConfig(_Table):
     freq: NonNegInt = Field(10, description="Evaluate every N epochs (0 = only at the end)")
-    compute_map: bool = Field(True, description="Compute mAP (false: skip evaluation)")
+    compute_map: StrictBool = Field(True, description="Compute mAP (false: skip evaluation)")
     metric: Literal["coco", "voc07", "voc12"] = Field("coco", description="Headline metric")
     conf_thres: Prob = Field(0.001, description="Score threshold before NMS")
     iou_thres: Prob = Field(0.5, description="NMS IoU threshold")
     max_det: PosInt = Field(100, description="Detections kept per image (COCO maxDets[-1])")
     backend: Literal["auto", "faster_coco_eval", "pycocotools"] = Field("auto", description="COCOeval")
     batch_size: PosInt | None = Field(None, description="Eval images per process; default data.batch_size")
-
-
-# what accelerate's ``log_with`` accepts (accelerate.utils.LoggerType); the package is checked at start
-TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 
 
 class LogConfig(_Table):
@@ -289,7 +401,26 @@ class Recipe(_Table):
                 raise ValueError(
                     f"scheduler.milestones: {last} is past train.max_epoch = {self.train.max_epoch}"
                 )
+        self._img_dim_fits_batch()
         return self
+
+    def _img_dim_fits_batch(self) -> None:
+        """The one img_dim a native net cannot train at (tests/test_config.py builds the nets to check).
+
+        Every stride-2 layer pads "same", so a map is ceil(img_dim / stride) cells, the count PriorBox
+        assumes: predictions and priors agree at every img_dim. But at img_dim <= the largest stride the
+        last map is 1x1, and with one image per batch (training drops partial batches, so that is
+        data.batch_size = 1) its BatchNorm sees one value per channel and torch refuses to train.
+        """
+        if self.model.name not in NATIVE_INFO or self.data.batch_size > 1:
+            return
+        top = max(NATIVE_INFO[self.model.name].strides)
+        if self.model.img_dim <= top:
+            raise _KeyError(
+                "model.img_dim",
+                f"{self.model.img_dim} makes the stride-{top} feature map of {self.model.name} 1x1, and BatchNorm "
+                f"cannot train on it with data.batch_size = 1: use img_dim > {top} or data.batch_size >= 2",
+            )
 
     @property
     def num_classes(self) -> int:
@@ -303,129 +434,16 @@ class Recipe(_Table):
         return json.dumps(self.model_dump(mode="json"), indent=2)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Loading, overrides, one-line errors
-
-
 def _suggest(word: str, choices: Any) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that holds the table at ``path`` (for suggesting keys)."""
-    model: type[BaseModel] = Recipe
-    for part in path:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        nxt = next(
-            (a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
-            None,
-        )
-        if nxt is None:
-            return None
-        model = nxt
-    return model
-
-
-def _format_error(source: str, err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
-    dotted = ".".join(str(p) for p in loc)
-    msg = e["msg"]
-    if e["type"] == "extra_forbidden" and loc:
-        parent = _model_at(loc[:-1])
-        hint = _suggest(str(loc[-1]), parent.model_fields) if parent else ""
-        msg = f"unknown key{hint}"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {dotted}: {msg}{more}" if dotted else f"{source}: {msg}{more}"
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=c`` -> (["a", "b"], c) with c parsed as a TOML value (bare words fall back to strings)."""
-    if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected key=value (e.g. train.max_epoch=5)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise RecipeError(f"override {text!r}: bad key {key!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            child = node.setdefault(k, {})
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {text!r}: {k} is not a table")
-            node = child
-        node[keys[-1]] = value
-    return data
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe. Any problem raises RecipeError with one line."""
-    source = str(path) if path is not None else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise RecipeError(f"{source}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"{source}: cannot read: {exc}") from None
-        try:
-            data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise RecipeError(f"{source}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {exc}") from None
-    data = apply_overrides(data, list(overrides))
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_format_error(source, exc)) from None
-
-
-def _type_name(ann: Any) -> str:
-    origin, args = get_origin(ann), get_args(ann)
-    if origin is Literal:
-        return " \\| ".join(json.dumps(a) for a in args)
-    if origin is Annotated:
-        return _type_name(args[0])
-    if args:
-        inner = [_type_name(a) for a in args]
-        if origin in (Union, UnionType):
-            return " \\| ".join("null" if i == "NoneType" else i for i in inner)
-        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(inner)}]"
-    return getattr(ann, "__name__", str(ann))
-
-
-def reference_markdown() -> str:
-    """The recipe reference, generated from the models (README's table comes from here)."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            path = (*prefix.rstrip(".").split("."), name) if prefix else (name,)
-            sub = _model_at(path)
-            if sub is not None:
-                walk(sub, f"{prefix}{name}.")
-                continue
-            default = field.get_default(call_default_factory=True)
-            ann = _type_name(field.annotation)
-            desc = (field.description or "").replace("|", "\\|")
-            dflt = json.dumps(default, default=str)
-            lines.append(f"| `{prefix}{name}` | {ann} | `{dflt}` | {desc} |")
-
-    walk(Recipe, "")
-    return "\n".join(lines)
+# Reading a recipe (TOML/JSON text, overrides, one-line errors) lives in config_io.py; re-exported here so that
+# `from accel_det.config import load_recipe` stays the one import (config_io imports this module's models).
+from accel_det.config_io import (  # noqa: E402
+    apply_overrides,
+    load_recipe,
+    parse_override,
+    reference_markdown,
+)

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from accel_det.config import RecipeError, load_recipe, parse_override, reference_markdown
+from accel_det import catalog, config, trackers
+from accel_det.catalog import default_anchors, feature_strides
+from accel_det.config import (
+    KNOWN_MODELS,
+    NATIVE_MODELS,
+    TORCHVISION_MODELS,
+    AnchorConfig,
+    RecipeError,
+    load_recipe,
+    parse_override,
+    reference_markdown,
+)
+from accel_det.trackers import missing_tracker_packages
 
 BAD = [
     ('[optimizer]\nlr = -1\n', "optimizer.lr: Input should be greater than 0"),
@@ -37,6 +54,29 @@ BAD = [
     ('[optimizer]\nname = "adam"\nbetas = [0.9, 1.0]\n', "optimizer.betas.1: Input should be less than 1"),
     ('[optimizer]\nlr = inf\n', "optimizer.lr: Input should be a finite number"),
     ('[log]\ntrackers = ["tensorbord"]\n', "log.trackers: unknown tracker 'tensorbord' (did you mean 'tensorboard'?)"),
+    # anchors that cannot fit the chosen model
+    ('[model]\nname = "faceboxes"\n[model.anchors]\nsteps = [8, 16, 32]\nmin_sizes = [[16], [32], [64]]\n',
+     "model.anchors.steps: must be [32, 64, 128]: faceboxes predicts on 3 feature maps at these strides "
+     "(got [8, 16, 32])"),
+    ('[model.anchors]\nmin_sizes = [[16], [32], [64]]\n',
+     "model.anchors.min_sizes: ssdlite_mobilenet_v3 has 4 feature maps (strides [8, 16, 32, 64]) "
+     "but min_sizes lists 3"),
+    ('[model]\nname = "ssdlite_resnet18"\n[model.anchors]\nsteps = [8, 16, 32]\n',
+     "model.anchors.steps: ssdlite_resnet18 has 4 feature maps (strides [8, 16, 32, 64]) but steps lists 3"),
+    ('[model.anchors]\naspect_ratios = [[2], [2]]\n',
+     "model.anchors.aspect_ratios: ssdlite_mobilenet_v3 has 4 feature maps"),
+    ('[model]\nname = "faceboxes"\n[model.anchors]\nsteps = [32, 64, 128]\nmin_sizes = [[32], [64]]\n',
+     "model.anchors: min_sizes has 2 feature maps but steps has 3"),
+    ('[model]\nname = "faceboxes"\nimg_dim = 128\n[data]\nbatch_size = 1\n',
+     "model.img_dim: 128 makes the stride-128 feature map of faceboxes 1x1, and BatchNorm cannot train on it "
+     "with data.batch_size = 1: use img_dim > 128 or data.batch_size >= 2"),
+    ('[model]\nimg_dim = 64\n[data]\nbatch_size = 1\n', "model.img_dim: 64 makes the stride-64 feature map"),
+    # strict scalars
+    ('[train]\nmax_epoch = true\n', "train.max_epoch: Input should be a valid integer"),
+    ('[train]\ngpu_train = 1\n', "train.gpu_train: Input should be 'auto' or a valid boolean"),
+    # duplicate keys and tables name the key
+    ('[optimizer]\nname = "sgd"\nlr = 0.1\nlr = 0.2\n', "not valid TOML: duplicate key 'lr' in [optimizer] (line 4)"),
+    ('[optimizer]\nlr = 0.1\n[optimizer]\nname = "sgd"\n', "not valid TOML: table [optimizer] defined twice (line 3)"),
 ]
 
 
@@ -111,3 +151,244 @@ def test_overrides_after_options_and_unknown_options() -> None:
     assert ok.returncode == 0, ok.stderr
     bad = _run_cli("validate", "recipes/demo.toml", "--bogus")
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------- [model.anchors]
+
+
+@pytest.mark.parametrize("name", NATIVE_MODELS)
+def test_partial_anchor_table_takes_the_models_defaults(name: str) -> None:
+    r = load_recipe(None, [f"model.name='{name}'", "model.img_dim=256", "model.anchors.variance=[0.2, 0.3]"])
+    assert r.model.anchors is not None
+    assert r.model.anchors.model_dump() == {**default_anchors(name, 256), "variance": (0.2, 0.3)}
+    assert r.model.anchors.model_fields_set == {"variance"}
+    # no table at all: the complete defaults, recorded in the recipe (recipe.json)
+    r = load_recipe(None, [f"model.name='{name}'", "model.img_dim=256"])
+    assert r.model.anchors == AnchorConfig(**default_anchors(name, 256))
+    assert json.loads(r.to_json())["model"]["anchors"]["steps"] == list(feature_strides(name))
+
+
+def test_torchvision_models_have_no_anchors() -> None:
+    r = load_recipe(None, ["model.name='tv_fcos_resnet50_fpn'"])
+    assert r.model.anchors is None
+    with pytest.raises(RecipeError, match="applies only to native models"):
+        load_recipe(None, ["model.name='tv_fcos_resnet50_fpn'", "model.anchors.clip=true"])
+
+
+def test_catalog_defaults() -> None:
+    assert AnchorConfig() == AnchorConfig(**default_anchors("faceboxes", 1024))  # standalone = the paper's
+    a = default_anchors("ssdlite_mobilenet_v3", 128)
+    assert a["min_sizes"][0] == [10.2, 17.9] and a["steps"] == [8, 16, 32, 64] and not a["densify"]
+    assert set(KNOWN_MODELS) == set(NATIVE_MODELS) | set(TORCHVISION_MODELS)
+    assert set(catalog.NATIVE_INFO) == set(NATIVE_MODELS)
+    assert config.KNOWN_MODELS is catalog.KNOWN_MODELS  # one list, re-exported
+
+
+@pytest.mark.parametrize("name", ["faceboxes", "ssdlite_resnet18", "tv_ssd300_vgg16"])
+def test_recipe_json_round_trip(tmp_path: Path, name: str) -> None:
+    r = load_recipe(None, [f"model.name='{name}'", "model.img_dim=300", "data.class_names=['a']"])
+    path = tmp_path / "recipe.json"
+    path.write_text(r.to_json())
+    assert load_recipe(path) == r
+    # a recipe.json of the old code, where native models had "anchors": null, resolves the same
+    old = json.loads(r.to_json())
+    old["model"]["anchors"] = None
+    path.write_text(json.dumps(old))
+    assert load_recipe(path) == r
+
+
+def test_changing_img_dim_rederives_unset_anchor_keys() -> None:
+    r = load_recipe(None, ["model.img_dim=128", "model.anchors.clip=true"])
+    r.model.img_dim = 256
+    assert r.model.anchors == AnchorConfig(**{**default_anchors("ssdlite_mobilenet_v3", 256), "clip": True})
+    r.model.name = "faceboxes"
+    assert r.model.anchors == AnchorConfig(**{**default_anchors("faceboxes", 256), "clip": True})
+
+
+def test_catalog_matches_the_nets() -> None:
+    """The strides the validator checks are the nets', and the img_dim rule is the one torch enforces:
+    predictions and priors agree at any img_dim (even or odd, multiple of the strides or not), and only
+    a 1x1 last map with one image per batch cannot train."""
+    torch = pytest.importorskip("torch")
+    import accel_det.models.faceboxes  # noqa: F401  (registration)
+    import accel_det.models.ssd  # noqa: F401
+    from accel_det.models.base import MODELS
+
+    for name in NATIVE_MODELS:
+        top = max(feature_strides(name))
+        model = MODELS.get(name)(load_recipe(None, [f"model.name='{name}'", f"model.img_dim={top + 1}"]))
+        assert list(model.net.strides) == list(feature_strides(name))
+        model.eval()
+        with torch.no_grad():
+            for size in (1, 31, top - 1, top, top + 1, 2 * top + 5):
+                loc, _ = model.net(torch.rand(1, 3, size, size))
+                assert loc.shape[1] == model.priors(size, size).shape[0], (name, size)
+        model.train()
+        with torch.no_grad():
+            model.net(torch.rand(1, 3, top + 1, top + 1))
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                model.net(torch.rand(1, 3, top, top))
+            model.net(torch.rand(2, 3, top, top))
+        with pytest.raises(RecipeError, match="model.img_dim"):
+            load_recipe(None, [f"model.name='{name}'", f"model.img_dim={top}", "data.batch_size=1"])
+
+
+def test_config_and_catalog_do_not_import_torch() -> None:
+    code = "import sys, accel_det.config, accel_det.catalog; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# ---------------------------------------------------------------------------------------- strict scalars
+
+NOT_ACCEPTED = [
+    ("train.max_epoch", "true"),
+    ("train.max_epoch", "3.0"),
+    ("train.max_epoch", "'3'"),
+    ("mission.round", "false"),
+    ("data.synthetic.seed", "true"),  # nested
+    ("eval.batch_size", "true"),  # int | None
+    ("model.anchors.steps", "[true, 16, 32, 64]"),  # inside a list
+    ("model.anchors.clip", "0"),
+    ("optimizer.nesterov", "1"),
+    ("optimizer.nesterov", "'true'"),
+    ("train.gpu_train", "1"),  # "auto" | bool
+    ("train.gpu_train", "'true'"),
+    ("train.gpu_train", "'yes'"),
+    ("optimizer.lr", "true"),  # floats take ints, never bools
+    ("optimizer.lr", "'0.1'"),
+    ("optimizer.betas", "[0.9, false]"),  # inside a tuple
+    ("model.anchors.variance", "[true, 0.2]"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), NOT_ACCEPTED, ids=[f"{k}={v}" for k, v in NOT_ACCEPTED])
+def test_scalars_are_strict(key: str, value: str) -> None:
+    with pytest.raises(RecipeError, match=rf"^<defaults>: {re.escape(key)}(\.\d+)?: Input should be") as info:
+        load_recipe(None, [f"{key}={value}"])
+    assert "more)" not in str(info.value)  # a union's per-member errors are one message
+
+
+def test_floats_take_ints_and_tuples_take_arrays() -> None:
+    r = load_recipe(None, ["optimizer.lr=1", "optimizer.betas=[0, 0.5]", "model.anchors.variance=[1, 1]",
+                           "train.gpu_train=false", "eval.batch_size=8"])
+    assert r.optimizer.lr == 1.0 and isinstance(r.optimizer.lr, float)
+    assert r.optimizer.betas == (0.0, 0.5) and r.model.anchors is not None and r.model.anchors.variance == (1, 1)
+    assert r.train.gpu_train is False and r.eval.batch_size == 8
+
+
+def test_every_scalar_in_the_schema_is_strict() -> None:
+    """A new int/float/bool field must use the Strict aliases (config.StrictInt, PosInt, StrictBool, ...)."""
+    loose: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") in ("int", "float", "bool") and not node.get("strict"):
+                loose.append(path)
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(config.Recipe.__pydantic_core_schema__, "")
+    assert not loose, loose
+
+
+# ---------------------------------------------------------------------------------- TOML and overrides
+
+DUPLICATES = [
+    ("[model]\nname = 'faceboxes'\n[model.anchors]\nmin_sizes = [\n  [32],\n]\nmin_sizes = [[1]]\n",
+     "duplicate key 'min_sizes' in [model.anchors] (line 7)"),
+    ("[model]\nanchors.clip = true\nanchors.clip = false\n", "duplicate key 'anchors.clip' in [model] (line 3)"),
+    ("[[train.callbacks]]\ntarget = 'a'\ntarget = 'b'\n", "duplicate key 'target' in [[train.callbacks]] (line 3)"),
+    ("seed = 1\nseed = 2\n", "duplicate key 'seed' (line 2)"),
+    ("[data]\nclass_names = ['a']\n[data]\nroot = 'x'\n", "table [data] defined twice (line 3)"),
+    ("[data]\nsynthetic = 1\n[data.synthetic]\nseed = 2\n",
+     "[data.synthetic] redefines the key 'data.synthetic' set earlier (line 3)"),
+    ("[data]\nx = {a = 1, a = 2}\n", "duplicate key 'a' in the inline table 'x' in [data] (line 2)"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), DUPLICATES, ids=[d[1][:40] for d in DUPLICATES])
+def test_duplicate_toml_key_is_named(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value) == f"{path}: not valid TOML: {expected}"
+
+
+HINTS = [
+    ("mission.name=2024-05-01",
+     """mission.name: Input should be a valid string (quote the value: mission.name='"2024-05-01"')"""),
+    ("mission.name=10:30:00", """(quote the value: mission.name='"10:30:00"')"""),
+    ("data.class_names=[face, coin]",
+     "data.class_names: Input should be a valid list "
+     """(quote the strings in it: data.class_names='["face", "coin"]')"""),
+    ("data.class_names=[face, 'coin']", """(quote the strings in it: data.class_names='["face", "coin"]')"""),
+    ("data.augments=[hflip]", """(quote the strings in it: data.augments='["hflip"]')"""),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), HINTS, ids=[h[0] for h in HINTS])
+def test_override_quoting_hint(override: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, [override])
+    assert str(info.value).startswith("<defaults>: ") and "\n" not in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_no_quoting_hint_for_other_keys_or_values() -> None:
+    with pytest.raises(RecipeError) as info:  # the error is at another key than the date override
+        load_recipe(None, ["output.root=2024-05-01", "mission.round=-1"])
+    assert str(info.value) == "<defaults>: mission.round: Input should be greater than or equal to 0 (+1 more)"
+    with pytest.raises(RecipeError) as info:  # a well-formed array
+        load_recipe(None, ["data.class_names=['a', 'a']"])
+    assert "quote" not in str(info.value)
+    assert load_recipe(None, ["mission.name='2024-05-01'"]).mission.name == "2024-05-01"
+
+
+# ------------------------------------------------------------------------------------------------ trackers
+
+
+def test_missing_tracker_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    modules: set[str] = set()  # importable
+    dists: set[str] = set()  # installed distributions
+
+    def find_spec(name: str, *args: Any) -> object | None:
+        return object() if name in modules else None
+
+    def distribution(name: str) -> object:
+        if name not in dists:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return object()
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    assert missing_tracker_packages(["tensorboard", "wandb", "comet_ml"]) == [
+        "log.trackers: 'tensorboard' needs the package tensorboard or tensorboardX (pip install tensorboard)",
+        "log.trackers: 'wandb' needs the package wandb (pip install wandb)",
+        "log.trackers: 'comet_ml' needs the package comet_ml (pip install comet_ml)",
+    ]
+    modules.update({"tensorboardX", "wandb", "mlflow"})
+    dists.update({"tensorboardX", "wandb", "mlflow-skinny"})  # mlflow-skinny provides the mlflow module
+    assert missing_tracker_packages(["tensorboard", "wandb", "mlflow"]) == []
+    assert len(missing_tracker_packages(list(config.TRACKERS))) == len(config.TRACKERS) - 3
+    modules.add("aim")
+    dists.add("aim")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.0.1")  # accelerate's AimTracker: aim 3
+    assert missing_tracker_packages(["aim"]) == ["log.trackers: 'aim' needs aim < 4 (pip install 'aim<4')"]
+
+
+def test_tracker_folder_is_not_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wandb writes ./wandb/: found as a namespace package, but accelerate (and so we) want the library."""
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    (tmp_path / "wandb").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.util.find_spec("wandb") is not None
+    assert missing_tracker_packages(["wandb"]) == ["log.trackers: 'wandb' needs the package wandb (pip install wandb)"]
+
+
+def test_every_tracker_has_its_package() -> None:
+    assert set(trackers.TRACKER_PACKAGES) == set(config.TRACKERS)

@@ -119,6 +119,7 @@ class FaceBoxesNet(nn.Module):
 def build_faceboxes(recipe: Recipe) -> AnchorDetector:
     """FaceBoxes; default anchors = the paper's (AnchorConfig's defaults): 32/64/128 densified 4x/2x/1x
     on stride 32, 256 on stride 64, 512 on stride 128 (21 + 1 + 1 anchors per cell, 21824 at 1024 px)."""
+    # validation completes [model.anchors] from the paper's; None only if validation was skipped
     anchors = recipe.model.anchors or AnchorConfig()
     k, c = recipe.num_classes, recipe.model.channels
     return build_anchor_detector(recipe, lambda na: FaceBoxesNet(k, na, channels=c), anchors)

@@ -17,24 +17,16 @@ from torch import nn
 from torchvision.models import mobilenet_v3_large, mobilenet_v3_small, resnet18
 from torchvision.ops.misc import Conv2dNormActivation
 
+from accel_det.catalog import SSD_SIZE_FRACTIONS, ssd_anchors  # noqa: F401  (SSD_SIZE_FRACTIONS: re-exported)
 from accel_det.config import AnchorConfig, Recipe
 from accel_det.models.base import MODELS
 from accel_det.models.native import AnchorDetector, build_anchor_detector, flatten_heads
 
-# Default anchor sizes as fractions of img_dim, per feature map (strides 8, 16, 32, 64), each with
-# aspect ratios 2 and 1/2. Consecutive sizes differ by <= 1.7x, so any square object overlaps some
-# square prior with IoU >= 1/1.7^2 = 0.35 (model.match_iou's default) before position error.
-SSD_SIZE_FRACTIONS = ((0.08, 0.14), (0.22, 0.32), (0.45, 0.6), (0.78, 0.95))
-SSD_STEPS = (8, 16, 32, 64)
-
 
 def default_ssd_anchors(img_dim: int) -> AnchorConfig:
-    """Anchors scaled with img_dim (at 128: 10/18, 28/41, 58/77, 100/122 px; 6 priors per cell).
-    No densification: these anchors are already >= 1.25x their stride."""
-    sizes = [[round(f * img_dim, 1) for f in level] for level in SSD_SIZE_FRACTIONS]
-    return AnchorConfig(
-        min_sizes=sizes, steps=list(SSD_STEPS), aspect_ratios=[[2.0]] * len(SSD_STEPS), densify=False
-    )
+    """Anchors scaled with img_dim (at 128: 10/18, 28/41, 58/77, 100/122 px; 6 priors per cell), from
+    the catalog (SSD_SIZE_FRACTIONS): validation fills unset [model.anchors] keys from the same table."""
+    return AnchorConfig(**ssd_anchors(img_dim))
 
 
 def _norm(c: int) -> nn.Module:
@@ -167,6 +159,7 @@ class SSDLiteNet(nn.Module):
 
 
 def _build(recipe: Recipe, make_backbone: Callable[[int], nn.Module]) -> AnchorDetector:
+    # validation completes [model.anchors] from ssd_anchors(img_dim); None only if validation was skipped
     anchors = recipe.model.anchors or default_ssd_anchors(recipe.model.img_dim)
     k, c = recipe.num_classes, recipe.model.channels
     return build_anchor_detector(recipe, lambda na: SSDLiteNet(make_backbone(c), k, na), anchors)
