@@ -1,8 +1,10 @@
-"""``accel-det evaluate RUN_DIR [--checkpoint best|last|PATH] [key=value ...]``.
+"""``accel-det evaluate RUN_DIR [--checkpoint best|last|PATH] [key=value ...]`` (also ``python -m
+accel_det.evaluate`` and ``accelerate launch -m accel_det.evaluate``).
 
-Rebuilds the model and the val split from the run's ``recipe.json``, loads a checkpoint, scores it with the
-recipe's metric and writes ``eval/evaluate_<checkpoint>.json`` (+ COCO-format predictions). Works under
-``accelerate launch`` (inference is sharded, metrics computed once on the main process).
+Opens the run (engine/run.py), builds only its val split, scores the weights with the recipe's metric and
+writes ``eval/evaluate_<what>.json`` (+ COCO-format predictions), where <what> names the weights evaluated
+(best, last, epoch_0003, final, ...) plus a short hash of the overrides when there are any. Under a launcher
+inference is sharded and the metric computed once on the main process.
 """
 
 from __future__ import annotations
@@ -12,89 +14,62 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from accel_det.config import RecipeError, load_recipe
+from accel_det.errors import run_cli
 
 
-class EvaluateError(RuntimeError):
-    pass
+def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] | None = None) -> dict[str, Any] | None:
+    from rich.console import Console
 
-
-def run_recipe(run_dir: Path, overrides: list[str]) -> Any:
-    path = run_dir / "recipe.json"
-    if not path.is_file():
-        raise EvaluateError(f"{run_dir}: not a run dir (no recipe.json)")
-    return load_recipe(path, [*overrides, "model.weights=''"])
-
-
-def checkpoint_weights(run_dir: Path, spec: str) -> Path:
-    """best | last | checkpoint dir | weights file -> a weights file. 'best' falls back to 'last'."""
-    from accel_det.engine.checkpoint import CheckpointError, resolve_checkpoint
-
-    p = Path(spec)
-    if p.is_file():
-        return p
-    if spec == "best" and not (run_dir / "checkpoints" / "best").is_file():
-        spec = "last"
-    try:
-        ckpt = resolve_checkpoint(run_dir, spec)
-    except CheckpointError as exc:
-        final = run_dir / "model.safetensors"
-        if spec == "last" and final.is_file():
-            return final
-        raise EvaluateError(str(exc)) from None
-    assert ckpt is not None
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (ckpt / name).is_file():
-            return ckpt / name
-    raise EvaluateError(f"{ckpt}: checkpoint holds no model weights")
-
-
-def evaluate_run(run_dir: Path, checkpoint: str, overrides: list[str]) -> dict[str, Any] | None:
-    from accel_det.data import build_datasets, build_loaders
+    from accel_det.data import build_dataset, build_val_loader
     from accel_det.engine.distributed import build_accelerator, write_json_atomic
-    from accel_det.engine.evaluator import evaluate
-    from accel_det.engine.progress import RunLog
-    from accel_det.metrics import coco_results, metrics_table
-    from accel_det.models import build_model, load_weights
+    from accel_det.engine.evaluator import Evaluator
+    from accel_det.engine.run import open_run
+    from accel_det.metrics import metrics_table
 
-    recipe = run_recipe(run_dir, overrides)
-    weights = checkpoint_weights(run_dir, checkpoint)
+    opened = open_run(run_dir, checkpoint, overrides or [])
+    recipe = opened.recipe
     accelerator = build_accelerator(recipe)
-    log = RunLog(accelerator, run_dir)
+    if opened.weights.note:
+        accelerator.print(f"note: {opened.weights.note}")
     with accelerator.main_process_first():
-        train_ds, val_ds = build_datasets(recipe)
-    _, val_loader = build_loaders(recipe, train_ds, val_ds, seed=recipe.train.seed)
-    model, _ = build_model(recipe)
-    report = load_weights(model, weights)
-    if report.skipped or report.missing:
-        raise EvaluateError(f"{weights}: does not fit the run's model: {report.summary()}")
-    model, val_loader = accelerator.prepare(model, val_loader)
-    result, records, _ = evaluate(accelerator.unwrap_model(model), val_loader, accelerator, recipe)
-    if result is not None:
-        tag = checkpoint if checkpoint in ("best", "last") else Path(checkpoint).stem
-        out = run_dir / "eval"
-        out.mkdir(exist_ok=True)
-        write_json_atomic(out / f"evaluate_{tag}.json", {"weights": str(weights), **result})
-        write_json_atomic(out / f"predictions_evaluate_{tag}.json", coco_results(records, val_ds.category_ids))
-        log.console.print(metrics_table(result, title=f"{recipe.eval.metric}: {weights}"))
-        log.console.print(f"wrote {out / f'evaluate_{tag}.json'}")
+        val_set = build_dataset(recipe, "val")
+    model, loader = accelerator.prepare(opened.model, build_val_loader(recipe, val_set))
+    out = Evaluator(model, loader, accelerator, recipe, val_set.category_ids)()
+    if out.result is not None:
+        tag = opened.result_tag()
+        eval_dir = Path(run_dir) / "eval"
+        eval_dir.mkdir(exist_ok=True)
+        meta = {"weights": str(opened.weights.path), "checkpoint": opened.weights.tag,
+                "overrides": list(opened.overrides)}
+        write_json_atomic(eval_dir / f"evaluate_{tag}.json", {**meta, **out.result})
+        write_json_atomic(eval_dir / f"predictions_evaluate_{tag}.json", out.coco_results())
+        console = Console(highlight=False, soft_wrap=True)
+        console.print(metrics_table(out.result, title=f"{recipe.eval.metric}: {opened.weights.path}"))
+        console.print(f"wrote {eval_dir / f'evaluate_{tag}.json'}", markup=False)
     accelerator.wait_for_everyone()
-    return result
+    return out.result
 
 
-def main(args: argparse.Namespace) -> int:
-    from accel_det.data import DatasetError
-    from accel_det.engine.checkpoint import CheckpointError
-    from accel_det.engine.distributed import LaunchError
-    from accel_det.engine.evaluator import EvaluationError
-    from accel_det.models import WeightsError
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("--checkpoint", default="best",
+                        help="best | last | checkpoint dir | weights file (default best, else last)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's recipe")
 
-    try:
-        evaluate_run(Path(args.run_dir), args.checkpoint, list(args.overrides))
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (EvaluateError, DatasetError, LaunchError, WeightsError, CheckpointError, EvaluationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+
+def run(args: argparse.Namespace) -> int:
+    evaluate_run(Path(args.run_dir), args.checkpoint, list(args.overrides))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accel_det.cli import parse_with_overrides
+
+    parser = argparse.ArgumentParser(prog="accel_det.evaluate", description=__doc__)
+    add_arguments(parser)
+    args = parse_with_overrides(parser, argv)
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,77 +1,125 @@
-"""``accel-det predict RUN_DIR IMAGES... --out DIR``: predictions.json + one PNG per image with boxes drawn."""
+"""``accel-det predict RUN_DIR IMAGES... --out DIR`` (also ``python -m accel_det.predict``): predictions.json
+plus one PNG per image with the boxes drawn, in the image's own pixels.
+
+Inputs are image files and folders (searched recursively; hidden files and folders and anything under
+``--out`` are skipped, so a second run never predicts on the first one's drawings). Drawn files mirror the
+input paths under ``--out``; two inputs that would map to one name get a short hash of their full path.
+An image that cannot be read is reported and skipped, the others are predicted, and the exit code is 1.
+Every file is written whole (temp file + rename): a killed run leaves nothing half-written.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
+import math
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from accel_det.config import RecipeError
+from accel_det.errors import DataError, UsageError, run_cli
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-def collect_images(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def collect_images(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
+    """(image file, its path relative to what was given) for every input image, in a stable order."""
+    out_abs = out.resolve()
+    found: list[tuple[Path, Path]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p)
+                if (any(part.startswith(".") for part in rel.parts) or f.suffix.lower() not in IMAGE_SUFFIXES
+                        or not f.is_file() or _inside(f.resolve(), out_abs)):
+                    continue
+                found.append((f, rel))
         elif p.is_file():
-            files.append(p)
+            found.append((p, Path(p.name)))
         else:
-            raise FileNotFoundError(f"{p}: no such image or folder")
-    if not files:
-        raise FileNotFoundError(f"no images in {', '.join(inputs)}")
-    return files
+            raise DataError(f"{p}: no such image or folder")
+    seen: set[Path] = set()
+    unique = []
+    for f, rel in found:  # the same file given twice (directly and in a folder) is predicted once
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((f, rel))
+    if not unique:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
+    return unique
 
 
-def _out_names(files: list[Path]) -> list[str]:
-    # distinct PNG names even when two folders hold the same file name
-    seen: dict[str, int] = {}
-    names = []
-    for f in files:
-        n = seen.get(f.stem, 0)
-        seen[f.stem] = n + 1
-        names.append(f"{f.stem}.png" if n == 0 else f"{f.stem}_{n}.png")
-    return names
+def drawn_names(items: list[tuple[Path, Path]]) -> list[Path]:
+    """Output PNG paths (relative to --out): the input's relative path as .png; where two inputs collide
+    (a/x.jpg and a/x.png, or two folders of one name), each gets a hash of its full path in the name."""
+    plain = [rel.with_suffix(".png") for _, rel in items]
+    count = Counter(plain)
+    return [
+        name if count[name] == 1
+        else name.with_name(f"{name.stem}.{hashlib.sha1(str(f.resolve()).encode()).hexdigest()[:8]}.png")
+        for (f, _), name in zip(items, plain)
+    ]
+
+
+def _save_png(array: Any, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best", conf: float = 0.3,
             batch_size: int = 8) -> list[dict[str, Any]]:
     import torch
-    from PIL import Image
-    from torchvision.transforms import v2
     from torchvision.utils import draw_bounding_boxes
 
-    from accel_det.data.common import load_image
-    from accel_det.evaluate import EvaluateError, checkpoint_weights, run_recipe
-    from accel_det.models import build_model, load_weights
+    from accel_det.data import eval_transforms, load_image
+    from accel_det.engine.distributed import write_json_atomic
+    from accel_det.engine.run import open_run
 
-    recipe = run_recipe(run_dir, [])
-    files = collect_images(inputs)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    items = collect_images(inputs, out)
+    opened = open_run(run_dir, checkpoint)
+    if opened.weights.note:
+        print(f"note: {opened.weights.note}", file=sys.stderr)
+    recipe, model = opened.recipe, opened.model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = build_model(recipe)
-    weights = checkpoint_weights(run_dir, checkpoint)
-    report = load_weights(model, weights)
-    if report.skipped or report.missing:
-        raise EvaluateError(f"{weights}: does not fit the run's model: {report.summary()}")
-    model.to(device).eval()
-    dim, names = recipe.model.img_dim, recipe.data.class_names
-    resize = v2.Resize((dim, dim))
-    out.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create: {exc.strerror or exc}") from None
+    resize, names, dim = eval_transforms(recipe), recipe.data.class_names, recipe.model.img_dim
     results: list[dict[str, Any]] = []
-    png_names = _out_names(files)
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        originals = [load_image(f, recipe.model.channels) for f in chunk]
-        x = torch.stack([resize(img) for img in originals]).to(device).float().div_(255)
+    skipped: list[str] = []
+    pngs = drawn_names(items)
+    for start in range(0, len(items), batch_size):
+        batch = []
+        for (f, _), png in zip(items[start:start + batch_size], pngs[start:start + batch_size]):
+            try:
+                batch.append((f, png, load_image(f, recipe.model.channels)))
+            except DataError as exc:
+                skipped.append(str(exc))
+                results.append({"file": str(f), "error": str(exc)})
+        if not batch:
+            continue
+        x = torch.stack([resize(img) for _, _, img in batch]).to(device).float().div_(255)
         with torch.inference_mode():
             outputs = model(x)
-        for f, img, det, png in zip(chunk, originals, outputs, png_names[start:start + batch_size]):
+        for (f, png, img), det in zip(batch, outputs):
             h, w = img.shape[-2:]
+            # the model saw the image resized to dim x dim: back to the image's own pixels
             scale = torch.tensor([w / dim, h / dim, w / dim, h / dim])
             keep = det["scores"].cpu() >= conf
             boxes = (det["boxes"].cpu().float() * scale)[keep]
@@ -80,34 +128,65 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
             rgb = img.as_subclass(torch.Tensor)
             rgb = rgb.expand(3, -1, -1) if rgb.shape[0] == 1 else rgb
             drawn = draw_bounding_boxes(rgb, boxes, labels=text, width=2) if len(boxes) else rgb
-            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out / png)
+            _save_png(drawn.permute(1, 2, 0).numpy(), out / png)
             results.append({
-                "file": str(f), "width": int(w), "height": int(h), "drawn": png,
+                "file": str(f), "width": int(w), "height": int(h), "drawn": png.as_posix(),
                 "detections": [
                     {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
                      "label": int(lab), "class_name": names[int(lab) - 1]}
                     for b, s, lab in zip(boxes, scores, labels)
                 ],
             })
-    tmp = out / ".predictions.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(out / "predictions.json")
+    write_json_atomic(out / "predictions.json", results)
+    if skipped:
+        raise DataError(f"{len(skipped)} of {len(items)} images could not be read and were skipped (first: "
+                        f"{skipped[0]}); the others' predictions are in {out / 'predictions.json'}")
     return results
 
 
-def main(args: argparse.Namespace) -> int:
-    from accel_det.data import DatasetError
-    from accel_det.evaluate import EvaluateError
-    from accel_det.models import WeightsError
-
+def _unit_float(text: str) -> float:
     try:
-        res = predict(Path(args.run_dir), args.images, Path(args.out), args.checkpoint, args.conf, args.batch_size)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (EvaluateError, DatasetError, WeightsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("--out", required=True, help="output folder: predictions.json + drawn PNGs")
+    parser.add_argument("--checkpoint", default="best", help="best | last | checkpoint dir | weights file")
+    parser.add_argument("--conf", type=_unit_float, default=0.3, help="score threshold in [0, 1] for output "
+                        "and drawing")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+
+
+def run(args: argparse.Namespace) -> int:
+    res = predict(Path(args.run_dir), args.images, Path(args.out), args.checkpoint, args.conf, args.batch_size)
     n = sum(len(r["detections"]) for r in res)
     print(f"{len(res)} images, {n} detections >= {args.conf} -> {Path(args.out) / 'predictions.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="accel_det.predict", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,12 @@
-"""``accelerate launch -m accel_det.train recipe.toml [key=value ...]`` (or ``python -m accel_det.train``)."""
+"""``accelerate launch -m accel_det.train recipe.toml [key=value ...]`` (or ``python -m accel_det.train``,
+``accel-det train``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from accel_det.config import RecipeError, load_recipe
+from accel_det.errors import run_cli
 
 
 def tune_malloc() -> None:
@@ -32,30 +33,27 @@ def tune_malloc() -> None:
     mallopt(M_TOP_PAD, 64 * 1024 * 1024)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="accel_det.train", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="TOML recipe")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as TOML")
-    args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    tune_malloc()
-    from accel_det.data import DatasetError
-    from accel_det.engine.checkpoint import CheckpointError
-    from accel_det.engine.distributed import LaunchError
-    from accel_det.engine.evaluator import EvaluationError
-    from accel_det.engine.trainer import TrainingError, train
-    from accel_det.models import WeightsError
 
-    try:
-        train(recipe)
-    except (DatasetError, CheckpointError, LaunchError, WeightsError, TrainingError, EvaluationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+
+def run(args: argparse.Namespace) -> int:
+    from accel_det.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before torch is imported: a bad recipe fails fast
+    tune_malloc()
+    from accel_det.engine.trainer import run_training
+
+    run_training(recipe)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="accel_det.train", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_train_resume_evaluate_predict(tmp_path: Path) -> None:
     assert result["AP"] == pytest.approx(last["AP"], abs=1e-9)
 
     # predict CLI: JSON + one PNG per image, same size as the input
-    images = sorted((tmp_path / "data" / "JPEGImages").glob("*.png"))[:3]
+    images = sorted(next((tmp_path / "data").glob("*/JPEGImages")).glob("*.png"))[:3]
     out = tmp_path / "preds"
     _run(["-m", "accel_det.cli", "predict", str(run_dir), *map(str, images), "--out", str(out), "--conf", "0.0"],
          cwd=tmp_path)

@@ -63,6 +63,57 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable trainer state: {exc}") from None
 
 
+def read_checkpoint_recipe(path: Path) -> dict[str, Any] | None:
+    """The recipe a checkpoint was saved with (``recipe.json`` inside it; older ones have none)."""
+    file = path / "recipe.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: unreadable recipe: {exc}") from None
+    return data if isinstance(data, dict) else None
+
+
+def _identity(recipe: dict[str, Any]) -> dict[str, Any]:
+    model, data = recipe.get("model") or {}, recipe.get("data") or {}
+    return {"model": model.get("name"), "classes": data.get("class_names"), "channels": model.get("channels", 3),
+            "anchors": model.get("anchors")}
+
+
+def check_same_model(where: Path, saved: dict[str, Any] | None, recipe: Any) -> None:
+    """Refuse weights trained for another model, class list or order, or anchors, naming old and new.
+
+    A permuted class list has the same head shape, so the weights load and every label silently means
+    another class; another model or other anchors fail later with a state-dict or prior-count dump. The
+    saved recipe is re-validated first, so one written before anchors were resolved compares equal."""
+    if saved is None:
+        return
+    from pydantic import ValidationError
+
+    try:
+        saved = type(recipe).model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        pass  # a recipe of an older schema: compare its raw fields
+    old, new = _identity(saved), _identity(recipe.model_dump(mode="json"))
+    if old["model"] != new["model"]:
+        raise CheckpointError(f"{where}: checkpoint holds model {old['model']!r}, the recipe asks for "
+                              f"{new['model']!r}")
+    if old["classes"] != new["classes"]:
+        what = "the same classes in another order" if sorted(old["classes"] or []) == sorted(new["classes"]) else (
+            "other classes")
+        raise CheckpointError(f"{where}: checkpoint holds classes {old['classes']}, the recipe asks for "
+                              f"{new['classes']} ({what}: labels would silently mean other classes)")
+    if old["channels"] != new["channels"]:
+        raise CheckpointError(f"{where}: checkpoint holds a model for {old['channels']}-channel images, the "
+                              f"recipe asks for {new['channels']} (model.channels)")
+    if old["anchors"] is not None and new["anchors"] is not None and old["anchors"] != new["anchors"]:
+        keys = [k for k in new["anchors"] if old["anchors"].get(k) != new["anchors"][k]]
+        k = keys[0] if keys else "anchors"
+        raise CheckpointError(f"{where}: checkpoint holds model.anchors.{k} = {old['anchors'].get(k)}, the "
+                              f"recipe asks for {new['anchors'].get(k)}")
+
+
 class Checkpointer:
     def __init__(self, accelerator: Accelerator, run_dir: Path, keep_last: int) -> None:
         self.accelerator = accelerator

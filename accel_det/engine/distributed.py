@@ -52,7 +52,8 @@ def build_accelerator(recipe: Any, run_dir: Path | None = None, trackers: list[s
         mixed_precision=mp,
         gradient_accumulation_steps=recipe.train.accumulation_freq,
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir)) if run_dir else None,
+        project_config=(ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard"))
+                        if run_dir else None),
         # a seedable sampler reshuffles from seed + epoch: epoch e sees the same order whether the run was
         # resumed or not, and for every process count
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
@@ -154,32 +155,50 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Any:
-    """Collective. The main process holds an exclusive ``flock`` on ``run_dir/.lock`` for the whole run, so a
-    second launch on the same run dir stops at once instead of interleaving checkpoints and logs with the
-    first. The kernel drops the lock when the process dies, so a killed run never leaves a stale lock."""
+    """Collective: create the run dir and take its lock, or fail with one line on every process.
+
+    The main process holds an exclusive ``flock`` on ``run_dir/.lock`` for the whole run, so a second launch
+    on the same run dir stops at once instead of interleaving checkpoints and logs with the first. The kernel
+    drops the lock when the process dies, so a killed run never leaves a stale lock. Release it with
+    ``handle.close()``."""
     from accelerate.utils import broadcast_object_list
 
     handle, error = None, ""
     if accelerator.is_main_process:
         import fcntl
 
-        handle = (run_dir / ".lock").open("a+", encoding="utf-8")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown process"
-            handle.close()
-            handle = None
-            error = (f"{run_dir}: another run is using this run dir ({holder}); wait for it to finish or "
-                     "choose another mission.round")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            handle = (run_dir / ".lock").open("a+", encoding="utf-8")
+        except OSError as exc:
+            error = (f"output.root: cannot write the run dir {run_dir}: {exc.strerror or exc} (choose a writable "
+                     "output.root)")
         else:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
-            handle.flush()
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown process"
+                handle.close()
+                handle = None
+                error = (f"{run_dir}: another run is using this run dir ({holder}); wait for it to finish or "
+                         "choose another mission.round")
+            else:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+                handle.flush()
     message = [error]
     broadcast_object_list(message, from_process=0)
     if message[0]:
         raise LaunchError(message[0])
     return handle
+
+
+def check_trackers(trackers: list[str]) -> None:
+    """Accelerate skips a tracker whose package is missing without a word: stop before training instead."""
+    from accel_det.trackers import missing_tracker_packages
+
+    problems = missing_tracker_packages(trackers)
+    if problems:
+        raise LaunchError(problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))

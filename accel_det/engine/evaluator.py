@@ -8,6 +8,7 @@ checkpoint save is a collective).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -87,3 +88,35 @@ def evaluate(
     if error:
         raise EvaluationError(error)
     return result, records if accelerator.is_main_process else [], None if np.isnan(value) else value
+
+
+@dataclass
+class EvalOutput:
+    result: dict[str, Any] | None  # metrics, main process only
+    records: list[dict[str, Any]]  # per-image predictions, main process only
+    headline: float | None  # on every process
+    category_ids: list[int]
+
+    def coco_results(self) -> list[dict[str, Any]]:
+        """Predictions in the COCO results format, with the val annotations' own category ids."""
+        from accel_det.metrics import coco_results
+
+        return coco_results(self.records, self.category_ids)
+
+
+class Evaluator:
+    """``evaluate`` bound to what it scores: the model (unwrapped on each call), the prepared val loader and
+    the recipe's metric settings. Calling it is a collective."""
+
+    def __init__(self, model: nn.Module, loader: Any, accelerator: Accelerator, recipe: Any,
+                 category_ids: list[int]) -> None:
+        self.model = model
+        self.loader = loader
+        self.accelerator = accelerator
+        self.recipe = recipe
+        self.category_ids = category_ids
+
+    def __call__(self) -> EvalOutput:
+        model = self.accelerator.unwrap_model(self.model)
+        result, records, headline = evaluate(model, self.loader, self.accelerator, self.recipe)
+        return EvalOutput(result, records, headline, self.category_ids)

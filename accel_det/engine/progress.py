@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 from accel_det.engine.distributed import strict_json
@@ -45,6 +45,17 @@ class RunLog:
             with self.log_path.open("a", encoding="utf-8") as f:
                 Console(file=f, width=120, no_color=True).print(renderable)
 
+    def print_table(self, result: dict[str, Any], title: str) -> None:
+        from accel_det.metrics import metrics_table
+
+        self.print_renderable(metrics_table(result, title=title))
+
+    def error(self, msg: str) -> None:
+        """A fatal error into log.txt (stderr gets it from the CLI wrapper): the run dir says why it stopped."""
+        if self.main and self.log_path.parent.is_dir():
+            with self.log_path.open("a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
     def event(self, record: dict[str, Any], step: int | None = None) -> None:
         """One JSON line in metrics.jsonl; scalar fields also go to the trackers (tensorboard, ...)."""
         if not self.main:
@@ -70,17 +81,68 @@ def _jsonable(v: Any) -> Any:
         return str(v)
 
 
-class TrainProgress:
-    """A rich bar on a TTY; otherwise a plain line every ``log_freq`` batches (logs, CI, nohup)."""
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(max(seconds, 0.0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
-    def __init__(self, log: RunLog, max_epoch: int, batches_per_epoch: int, log_freq: int) -> None:
-        self.log = log
+
+class RunClock:
+    """The ETA of the whole run from measured rates: seconds per training batch (this session's mean) and the
+    time spent between epochs (evaluation and checkpoints), measured separately for epochs with and without
+    an evaluation. Until the first evaluation is timed it is estimated as the val batches at a third of a
+    training batch each (a forward pass without backward)."""
+
+    def __init__(self, max_epoch: int, batches_per_epoch: int, eval_due: Callable[[int], bool],
+                 val_batches: int) -> None:
         self.max_epoch = max_epoch
         self.batches = batches_per_epoch
+        self.eval_due = eval_due
+        self.val_batches = val_batches
+        self.train_seconds = 0.0
+        self.train_batches = 0
+        self.between: dict[bool, list[float]] = {True: [], False: []}  # eval ran -> seconds after epochs
+
+    def add_batches(self, n: int, seconds: float) -> None:
+        self.train_batches += n
+        self.train_seconds += seconds
+
+    def add_between(self, epoch: int, seconds: float) -> None:
+        self.between[self.eval_due(epoch)].append(seconds)
+
+    def _after(self, epoch: int, per_batch: float) -> float:
+        kind = self.eval_due(epoch)
+        seen = self.between[kind]
+        if seen:
+            return sum(seen) / len(seen)
+        return self.val_batches * per_batch / 3 if kind else 0.0
+
+    def eta(self, epoch: int, batches_done: int) -> float | None:
+        """Seconds left, standing in 0-based ``epoch`` after ``batches_done`` of its batches."""
+        if not self.train_batches:
+            return None
+        per_batch = self.train_seconds / self.train_batches
+        batches_left = (self.batches - batches_done) + (self.max_epoch - epoch - 1) * self.batches
+        return batches_left * per_batch + sum(self._after(e, per_batch) for e in range(epoch + 1, self.max_epoch + 1))
+
+
+class TrainProgress:
+    """A rich bar on a TTY (this epoch's batches, the whole run's ETA); otherwise a plain line every
+    ``log_freq`` batches. The epoch summary is a log line in both cases, so it stays on screen."""
+
+    def __init__(self, log: RunLog, clock: RunClock, log_freq: int) -> None:
+        self.log = log
+        self.clock = clock
+        self.max_epoch = clock.max_epoch
+        self.batches = clock.batches
         self.log_freq = log_freq
         self.live = log.main and sys.stdout.isatty()
         self._bar: Progress | None = None
-        self._task = None
+        self._task: Any = None
+        self._t_batch = time.perf_counter()
+        self._t_epoch_end: float | None = None
+        self._epoch = 0
 
     def __enter__(self) -> TrainProgress:
         if self.live:
@@ -90,8 +152,7 @@ class TrainProgress:
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"),
                 TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                TextColumn("run ETA {task.fields[eta]}"),
                 console=self.log.console,
             )
             self._bar.start()
@@ -101,25 +162,39 @@ class TrainProgress:
         if self._bar is not None:
             self._bar.stop()
 
-    def start_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        now = time.perf_counter()
+        if self._t_epoch_end is not None:  # what the hooks took after the previous epoch
+            self.clock.add_between(epoch, now - self._t_epoch_end)
+        self._epoch, self._t_batch = epoch, now
         if self._bar is not None:
             if self._task is not None:
                 self._bar.remove_task(self._task)
-            self._task = self._bar.add_task(
-                f"epoch {epoch + 1}/{self.max_epoch}", total=self.batches, completed=start_batch, stats=""
-            )
+            eta = format_seconds(self.clock.eta(epoch, 0))
+            self._task = self._bar.add_task(f"epoch {epoch + 1}/{self.max_epoch}", total=self.batches,
+                                            stats="", eta=eta)
 
     def advance(self, batch: int) -> None:
-        """Every batch: move the bar (cheap; the numbers come with ``update`` every log_freq batches)."""
+        """Every batch: time it and move the bar (the numbers come with ``update`` every log_freq batches)."""
+        now = time.perf_counter()
+        self.clock.add_batches(1, now - self._t_batch)
+        self._t_batch = now
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, completed=batch + 1)
+
+    def eta(self, batch: int) -> str:
+        return format_seconds(self.clock.eta(self._epoch, batch + 1))
 
     def update(self, epoch: int, batch: int, losses: dict[str, float], lr: float, img_per_s: float) -> None:
         stats = " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" lr {lr:.2e} {img_per_s:.1f} img/s"
         if self._bar is not None and self._task is not None:
-            self._bar.update(self._task, completed=batch + 1, stats=stats)
+            self._bar.update(self._task, completed=batch + 1, stats=stats, eta=self.eta(batch))
         elif self.log.main and ((batch + 1) % self.log_freq == 0 or batch + 1 == self.batches):
-            self.log.info(f"epoch {epoch + 1}/{self.max_epoch} batch {batch + 1}/{self.batches} {stats}")
+            self.log.info(f"epoch {epoch + 1}/{self.max_epoch} batch {batch + 1}/{self.batches} {stats} "
+                          f"ETA {self.eta(batch)}")
 
-    def print(self, msg: str) -> None:
-        self.log.info(msg)
+    def end_epoch(self, epoch: int, losses: dict[str, float], lr: float, img_per_s: float, seconds: float) -> None:
+        stats = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        self.log.info(f"epoch {epoch + 1}/{self.max_epoch} done in {seconds:.1f} s: {stats} lr {lr:.2e} "
+                      f"{img_per_s:.1f} img/s, run ETA {self.eta(self.batches - 1)}")
+        self._t_epoch_end = time.perf_counter()

@@ -1,174 +1,169 @@
-"""THE training loop. It reads top to bottom: build everything from the recipe, resume, loop, hooks.
+"""THE training loop: ``train`` (epochs) -> ``train_one_epoch`` (batches) -> ``train_step`` (one micro-batch).
 
-Every process runs this same control flow; only file writes and printing are main-process-only (RunLog,
-hooks). The LR schedule counts optimizer steps of one process (see optim/scheduler.py).
+``setup`` (engine/setup.py) builds the parts; this file only loops and calls the hooks. Every process runs
+this same control flow; only file writes and printing are main-process-only (RunLog, hooks). The LR
+schedule counts optimizer steps of one process (optim/scheduler.py). docs/architecture.md has the picture.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate import Accelerator
+from torch import nn
 
-from accel_det.data import build_datasets, build_loaders
-from accel_det.engine.checkpoint import Checkpointer, CheckpointError, resolve_checkpoint
-from accel_det.engine.distributed import build_accelerator, environment, lock_run_dir, write_json_atomic
+from accel_det.config import Recipe
 from accel_det.engine.evaluator import to_float_images
-from accel_det.engine.hooks import CheckpointHook, Context, EvalHook, Hook, TrainState
-from accel_det.engine.progress import RunLog, TrainProgress
-from accel_det.errors import TrainingError
-from accel_det.models import build_model
-from accel_det.optim import build_optimizer, build_scheduler, jump_to_step
+from accel_det.engine.hooks import Hook, TrainState
+from accel_det.engine.progress import RunClock, TrainProgress
+from accel_det.engine.setup import Run, setup
+from accel_det.errors import AccelDetError, TrainingError
 
 
-def _resume_from(recipe: Any, run_dir: Path) -> Path | None:
-    spec = recipe.output.resume
-    if spec == "never":
-        if (run_dir / "checkpoints" / "last").exists():
-            raise CheckpointError(
-                f"{run_dir}: already holds checkpoints and output.resume = 'never'; use another "
-                "mission.round (or output.resume = 'auto' to continue) so nothing is overwritten"
-            )
-        return None
-    return resolve_checkpoint(run_dir, "auto" if spec == "auto" else spec)
+def run_training(recipe: Recipe, hooks: Sequence[Hook] = ()) -> TrainState | None:
+    """Set up and train; ``None`` when the run dir already holds a finished run."""
+    run = setup(recipe, hooks)
+    return None if run is None else train(run)
 
 
-def _flat_config(recipe: Any) -> dict[str, Any]:
-    # trackers (tensorboard hparams) take flat scalars only
-    out: dict[str, Any] = {}
-
-    def walk(d: dict[str, Any], prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[prefix + k] = v if isinstance(v, int | float | str | bool) else str(v)
-
-    walk(recipe.model_dump(mode="json"), "")
-    return out
-
-
-def train(recipe: Any, hooks: list[Hook] | None = None) -> TrainState:
-    run_dir = recipe.run_dir()
-    accelerator = build_accelerator(recipe, run_dir, trackers=recipe.log.trackers)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    run_lock = lock_run_dir(accelerator, run_dir)
-    log = RunLog(accelerator, run_dir)
-    set_seed(recipe.train.seed)
-    resume_path = _resume_from(recipe, run_dir)
-
-    # the main process generates/indexes data first (synthetic data is written once, not N times)
-    with accelerator.main_process_first():
-        train_ds, val_ds = build_datasets(recipe)
-    train_loader, val_loader = build_loaders(recipe, train_ds, val_ds, seed=recipe.train.seed)
-
-    model, load_report = build_model(recipe)
-    if load_report is not None:
-        log.info(f"weights: {load_report.summary()}")
-    optimizer = build_optimizer(model, recipe.optimizer)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    # Same seed everywhere up to here (same init, same shuffle via data_seed); from now on each process draws
-    # its own augmentations (num_workers=0 uses these RNGs; workers mix in the rank in seed_worker).
-    set_seed(recipe.train.seed, device_specific=True)
-    accum = recipe.train.accumulation_freq
-    steps_per_epoch = math.ceil(len(train_loader) / accum)
-    # Not passed to prepare(): its wrapper would step num_processes times per optimizer step. Not saved in
-    # checkpoints either: the LR is a pure function of global_step, rebuilt from the recipe on resume.
-    scheduler = build_scheduler(optimizer, recipe.scheduler, steps_per_epoch, recipe.train.max_epoch)
-
-    state = TrainState()
-    checkpointer = Checkpointer(accelerator, run_dir, recipe.output.keep_last)
-    if resume_path is not None:
-        saved = checkpointer.load(resume_path)
-        state.epoch, state.global_step = int(saved["epoch"]), int(saved["global_step"])
-        if saved.get("steps_per_epoch") not in (None, steps_per_epoch):
-            # Another process count, batch size or accumulation: the schedule is defined in epochs, and the
-            # checkpoint sits at an epoch end, so re-express the position in the new epoch length.
-            log.info(f"note: epochs had {saved['steps_per_epoch']} optimizer steps, now {steps_per_epoch}; "
-                     f"continuing the schedule at epoch {state.epoch}")
-            state.global_step = state.epoch * steps_per_epoch
-        state.best_metric, state.best_epoch = saved.get("best_metric"), saved.get("best_epoch")
-        jump_to_step(scheduler, state.global_step)
-        log.info(f"resumed from {resume_path} (epoch {state.epoch}, step {state.global_step})")
-        # metrics.jsonl may hold events past this checkpoint (a run killed mid-epoch): mark where we resumed
-        log.event({"event": "resume", "epoch": state.epoch, "step": state.global_step, "from": str(resume_path)})
-    # written only now: a resume that fails (another model, a corrupt checkpoint) must not replace the
-    # recipe of the run it refused to touch
-    if accelerator.is_main_process:
-        write_json_atomic(run_dir / "recipe.json", recipe.model_dump(mode="json"))
-        write_json_atomic(run_dir / "env.json", environment(accelerator, recipe))
-    if recipe.log.trackers:
-        accelerator.init_trackers("tensorboard", config=_flat_config(recipe))
-
-    env = environment(accelerator, recipe)
-    log.info(
-        f"run dir {run_dir} | {recipe.model.name} | {len(train_ds)} train / {len(val_ds)} val images | "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-        f"mixed precision {accelerator.mixed_precision} | batch {recipe.data.batch_size}/process, "
-        f"effective {env['effective_batch']} | {steps_per_epoch} optimizer steps/epoch"
-    )
-    ctx = Context(recipe, accelerator, model, optimizer, scheduler, val_loader, run_dir, log, state,
-                  val_ds.category_ids, steps_per_epoch)
-    hooks = [EvalHook(), CheckpointHook(checkpointer), *(hooks or [])]
-    batch_imgs = recipe.data.batch_size * accelerator.num_processes
-    log_freq = recipe.train.log_freq
-
-    model.train()
-    with TrainProgress(log, recipe.train.max_epoch, len(train_loader), log_freq) as progress:
-        for epoch in range(state.epoch, recipe.train.max_epoch):
-            train_loader.set_epoch(epoch)
-            progress.start_epoch(epoch)
-            sums: dict[str, torch.Tensor] = {}
-            n_since, t_since, t_epoch = 0, time.perf_counter(), time.perf_counter()
-            for i, (images, targets) in enumerate(train_loader):
-                with accelerator.accumulate(model):
-                    losses = model(to_float_images(images), targets)
-                    loss = sum(losses.values())
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and recipe.train.clip_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), recipe.train.clip_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                    state.global_step += 1
-                    for h in hooks:
-                        h.after_step(ctx)
-                for k, v in (("loss", loss), *losses.items()):
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-                n_since += 1
-                progress.advance(i)
-                if n_since == log_freq or i + 1 == len(train_loader):
-                    # the reduce is a collective: every process reaches it at the same batch indices
-                    means = {k: float(accelerator.reduce(v / n_since, "mean")) for k, v in sums.items()}
-                    if not math.isfinite(means["loss"]):
-                        raise TrainingError(
-                            f"non-finite loss {means} at epoch {epoch + 1}, step {state.global_step}: "
-                            "lower optimizer.lr, raise scheduler.warmup_iters or set train.clip_grad_norm"
-                        )
-                    ips = batch_imgs * n_since / max(time.perf_counter() - t_since, 1e-9)
-                    lr = ctx.lr()
-                    progress.update(epoch, i, means, lr, ips)
-                    log.event({"event": "train", "epoch": epoch + 1, "batch": i + 1,
-                               "step": state.global_step, "lr": lr, **means, "img_per_s": round(ips, 2)})
-                    sums, n_since, t_since = {}, 0, time.perf_counter()
-            state.epoch = epoch + 1
-            log.event({"event": "epoch", "epoch": state.epoch, "step": state.global_step,
-                       "seconds": round(time.perf_counter() - t_epoch, 3), "lr": ctx.lr()})
-            for h in hooks:
-                h.after_epoch(ctx)
-    for h in hooks:
-        h.after_train(ctx)
+def train(run: Run) -> TrainState:
+    recipe, state, log = run.recipe, run.state, run.log
+    max_epoch = recipe.train.max_epoch
+    clock = RunClock(max_epoch, len(run.train_loader), run.eval_due, len(run.val_loader))
+    try:
+        for hook in run.hooks:
+            hook.before_train(state)
+        run.model.train()
+        with TrainProgress(log, clock, recipe.train.log_freq) as progress:
+            for epoch in range(state.epoch, max_epoch):
+                run.train_loader.set_epoch(epoch)
+                progress.start_epoch(epoch)
+                t0 = time.perf_counter()
+                means, img_per_s = train_one_epoch(run, epoch, progress)
+                seconds = time.perf_counter() - t0
+                state.epoch = epoch + 1
+                progress.end_epoch(epoch, means, run.lr(), img_per_s, seconds)
+                log.event({"event": "epoch", "epoch": state.epoch, "step": state.global_step,
+                           "seconds": round(seconds, 3), "lr": run.lr(), **means, "img_per_s": round(img_per_s, 2)})
+                for hook in run.hooks:
+                    hook.after_epoch(state)
+        for hook in run.hooks:
+            hook.after_train(state)
+    except BaseException as exc:
+        # stderr gets the error from the CLI wrapper; the run dir must say why and where the run stopped
+        log.error(f"stopped in epoch {state.epoch + 1}/{max_epoch} after optimizer step {state.global_step}: "
+                  f"{_describe(exc)}")
+        raise
+    finally:
+        run.close()
     if state.best_metric is not None:
         log.info(f"best {recipe.eval.metric} {state.best_metric:.4f} at epoch {state.best_epoch}")
-    log.info(f"done: {run_dir}")
-    accelerator.end_training()
-    if run_lock is not None:
-        run_lock.close()
+    log.info(f"done: {run.run_dir}")
     return state
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, AccelDetError):
+        return f"error: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (KeyboardInterrupt)"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+class LossMeter:
+    """Sums of the losses on the device since the last log line: no host sync per batch, one ``reduce`` (a
+    collective, reached by every process at the same batch index) per log line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.epoch_sums: dict[str, float] = {}
+        self.epoch_count = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float()
+        self.count += 1
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
+        means = {k: float(accelerator.reduce(v / self.count, "mean")) for k, v in self.sums.items()}
+        for k, v in means.items():
+            self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * self.count
+        self.epoch_count += self.count
+        self.sums, self.count = {}, 0
+        return means
+
+    def epoch_means(self) -> dict[str, float]:
+        return {k: v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items()}
+
+
+def train_one_epoch(run: Run, epoch: int, progress: TrainProgress) -> tuple[dict[str, float], float]:
+    """One pass over the train loader; returns the epoch's mean losses (all processes) and img/s."""
+    acc, state, recipe = run.accelerator, run.state, run.recipe
+    n_batches, accum, log_freq = len(run.train_loader), recipe.train.accumulation_freq, recipe.train.log_freq
+    # An epoch whose batches are not a multiple of accumulation_freq ends in a short window of `tail`
+    # micro-batches. accelerator.backward divides every loss by accumulation_freq, so that last step would
+    # average over accumulation_freq batches it did not see: scale its losses to average over the real count
+    # (what torchtune does by counting tokens).
+    tail = n_batches % accum
+    meter = LossMeter()
+    images_seen = window_images = 0  # over all processes
+    t_window = t_epoch = time.perf_counter()
+    for i, (images, targets) in enumerate(run.train_loader):
+        weight = accum / tail if tail and i >= n_batches - tail else 1.0
+        losses = train_step(acc, run.model, run.optimizer, run.scheduler, images, targets,
+                            clip_grad_norm=recipe.train.clip_grad_norm, loss_weight=weight)
+        if acc.sync_gradients:
+            state.global_step += 1
+            for hook in run.hooks:
+                hook.after_step(state)
+        meter.add(losses)
+        images_seen += images.shape[0] * acc.num_processes
+        window_images += images.shape[0] * acc.num_processes
+        progress.advance(i)
+        if meter.count == log_freq or i + 1 == n_batches:
+            means = meter.reduce(acc)
+            if not math.isfinite(means["loss"]):
+                raise TrainingError(
+                    f"non-finite loss {means} at epoch {epoch + 1}, step {state.global_step}: lower "
+                    "optimizer.lr, raise scheduler.warmup_iters or set train.clip_grad_norm"
+                )
+            now = time.perf_counter()
+            img_per_s = window_images / max(now - t_window, 1e-9)
+            progress.update(epoch, i, means, run.lr(), img_per_s)
+            run.log.event({"event": "train", "epoch": epoch + 1, "batch": i + 1, "step": state.global_step,
+                           "lr": run.lr(), **means, "img_per_s": round(img_per_s, 2)})
+            t_window, window_images = now, 0
+    return meter.epoch_means(), images_seen / max(time.perf_counter() - t_epoch, 1e-9)
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    images: torch.Tensor,
+    targets: list[dict[str, Any]],
+    *,
+    clip_grad_norm: float = 0.0,
+    loss_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: forward, backward and, when the accumulation window closes, clip, optimizer and
+    scheduler step. Returns the detached losses (``loss`` = their sum)."""
+    with accelerator.accumulate(model):
+        losses = model(to_float_images(images), targets)
+        loss = sum(losses.values())
+        accelerator.backward(loss * loss_weight if loss_weight != 1.0 else loss)
+        if accelerator.sync_gradients and clip_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        # a no-op inside the accumulation window (accelerate's optimizer wrapper checks sync_gradients)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients:
+        scheduler.step()
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}

@@ -1,4 +1,4 @@
-"""One optimizer step with the trainer's accumulate/backward/step sequence; saves params before and after.
+"""One optimizer step through the trainer's ``train_step``; saves params before and after.
 
     torchrun --nproc_per_node N tests/dist_scripts/accum_step.py OUT.pt RECIPE [key=value ...]
 
@@ -19,7 +19,7 @@ from torch import nn
 from accel_det.config import load_recipe
 from accel_det.data import build_datasets, build_loaders
 from accel_det.engine.distributed import build_accelerator
-from accel_det.engine.evaluator import to_float_images
+from accel_det.engine.trainer import train_step
 from accel_det.models import build_model
 from accel_det.optim import build_optimizer
 
@@ -35,6 +35,7 @@ def main() -> None:
     model, _ = build_model(recipe)
     optimizer = build_optimizer(model, recipe.optimizer)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -46,13 +47,7 @@ def main() -> None:
     for images, targets in train_loader:
         # which images went into which micro-batch, from every process (process order)
         micro_batches += gather_object([[int(t["image_id"]) for t in targets]])
-        # the same sequence as engine/trainer.py
-        with accelerator.accumulate(model):
-            losses = model(to_float_images(images), targets)
-            loss = sum(losses.values())
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        train_step(accelerator, model, optimizer, scheduler, images, targets)  # the trainer's own step
         if accelerator.sync_gradients:
             break
 

@@ -1,0 +1,312 @@
+"""The command line as a user meets it, in subprocesses: `accel-det train`, `python -m accel_det.evaluate` and
+`python -m accel_det.predict` on a finished run; re-running a finished run; refusals of another model or class
+order; and every expected failure as exactly one line on stderr, with the right exit code and no traceback.
+
+Tiny: FaceBoxes at 128 px on 24 synthetic 64 px images (tests/tiny_run.py), 2 DataLoader workers for the
+shared run so that the workers' path is exercised end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_run import tiny_overrides
+
+REPO = Path(__file__).parents[1]
+DEMO = REPO / "recipes" / "demo.toml"
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+TIMEOUT = 300
+
+pytestmark = pytest.mark.slow
+
+
+def _accel_det() -> list[str]:
+    exe = shutil.which("accel-det")
+    assert exe, "the console script accel-det is not installed (pip install -e .)"
+    return [exe]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, rc: int | None = 0, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} did not finish in {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if rc is not None:
+        assert res.returncode == rc, f"{cmd}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+    return res
+
+
+def _error_line(res: subprocess.CompletedProcess[str]) -> str:
+    """The one line an expected failure prints (stderr), after checking it is the only one."""
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr + res.stdout
+    return lines[0]
+
+
+def _train(tmp: Path, *extra: str, rc: int | None = 0, **over: object) -> subprocess.CompletedProcess[str]:
+    ov = tiny_overrides(tmp / "runs", tmp / "data", **over)
+    return _run([*_accel_det(), "train", DEMO, *ov, *extra], tmp, rc=rc)
+
+
+def _snapshot(run_dir: Path) -> dict[str, str]:
+    return {p.relative_to(run_dir).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and ".lock" not in p.name}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("cli")
+    over = {"train.max_epoch": 2, "data.num_workers": 2}
+    res = _train(tmp, **over)
+    return {"tmp": tmp, "run_dir": tmp / "runs" / "demo" / "round1", "over": over, "stdout": res.stdout}
+
+
+def test_train_console_script_logs_data_epochs_and_eta(trained: dict) -> None:
+    out = trained["stdout"]
+    assert "data: train 24 images / " in out and "val 9 images / " in out
+    assert "epoch 1/2 done in " in out and "epoch 2/2 done in " in out and " ETA " in out
+    log = (trained["run_dir"] / "log.txt").read_text()
+    assert "epoch 2/2 done in " in log and "done: " in log
+    epochs = [json.loads(x) for x in (trained["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and all("loss" in e and "img_per_s" in e for e in epochs)
+
+
+def test_evaluate_module_names_results_after_what_was_evaluated(trained: dict) -> None:
+    tmp, run_dir = trained["tmp"], trained["run_dir"]
+    ev = [sys.executable, "-m", "accel_det.evaluate", run_dir]
+    _run([*ev, "--checkpoint", "last"], tmp)
+    last = json.loads((run_dir / "eval" / "evaluate_last.json").read_text())
+    assert last["num_images"] == 9 and last["checkpoint"] == "last"
+    # a file called `best` in the working dir is not the keyword's checkpoint
+    (tmp / "best").write_text("not weights")
+    _run([*ev], tmp)
+    assert json.loads((run_dir / "eval" / "evaluate_best.json").read_text())["weights"].endswith("model.safetensors")
+    # two epochs' weights files and an evaluation with overrides each get their own result file
+    for epoch in (1, 2):
+        _run([*ev, "--checkpoint", run_dir / "checkpoints" / f"epoch_000{epoch}" / "model.safetensors"], tmp)
+        assert (run_dir / "eval" / f"evaluate_epoch_000{epoch}.json").is_file()
+    _run([*ev, "--checkpoint", "last", "eval.max_det=5"], tmp)
+    overridden = [p for p in (run_dir / "eval").glob("evaluate_last_*.json")]
+    assert len(overridden) == 1 and json.loads(overridden[0].read_text())["overrides"] == ["eval.max_det=5"]
+    assert json.loads((run_dir / "eval" / "evaluate_last.json").read_text()) == last  # not overwritten
+    line = _error_line(_run([*ev, "--checkpoint", "nope"], tmp, rc=2))
+    assert "--checkpoint nope: no such file or checkpoint" in line
+
+
+def test_predict_module_inputs_outputs_and_bad_images(trained: dict) -> None:
+    tmp, run_dir = trained["tmp"], trained["run_dir"]
+    src = sorted(next((tmp / "data").glob("*/JPEGImages")).glob("*.png"))
+    images = tmp / "images"
+    for sub in ("a", "b", "c.jpg"):  # c.jpg is a folder: not an image
+        (images / sub).mkdir(parents=True)
+    shutil.copy(src[0], images / "a" / "x.png")
+    shutil.copy(src[1], images / "b" / "x.png")
+    shutil.copy(src[2], images / "b" / "x_1.png")
+    Image.open(src[0]).save(images / "a" / "x.jpg")  # a/x.jpg and a/x.png: one stem, two files
+    Image.open(src[3]).resize((96, 48)).save(images / "wide.png")
+    shutil.copy(src[4], images / "._x.png")  # macOS AppleDouble: hidden, skipped
+    out = images / "preds"  # inside the input folder: never read back
+    pred = [sys.executable, "-m", "accel_det.predict", run_dir, images, "--out", out, "--conf", "0"]
+    _run(pred, tmp)
+    res = json.loads((out / "predictions.json").read_text())
+    drawn = sorted(r["drawn"] for r in res)
+    assert len(res) == 5 and len(set(drawn)) == 5 and "b/x.png" in drawn and "wide.png" in drawn
+    for r in res:
+        with Image.open(out / r["drawn"]) as im, Image.open(r["file"]) as orig:
+            assert im.size == orig.size == (r["width"], r["height"])
+    _run(pred, tmp)  # again: the first run's drawings under --out are not inputs
+    assert len(json.loads((out / "predictions.json").read_text())) == 5
+
+    (images / "bad.png").write_bytes(b"not an image")
+    line = _error_line(_run(pred, tmp, rc=1))
+    assert "1 of 6 images could not be read" in line and "bad.png" in line
+    res = json.loads((out / "predictions.json").read_text())
+    assert len(res) == 6 and sum("error" in r for r in res) == 1  # the other five still predicted
+
+    line = _error_line(_run([*pred[:5], images / "missing.png", "--out", tmp / "p2"], tmp, rc=1))
+    assert "missing.png: no such image or folder" in line and not (tmp / "p2").exists()
+    line = _error_line(_run([*pred[:6], images / "wide.png"], tmp, rc=2))
+    assert "exists and is not a folder" in line
+    for conf in ("1.5", "nan"):
+        res = _run([*pred[:7], "--conf", conf], tmp, rc=2)
+        assert "--conf: must be in [0, 1]" in res.stderr
+
+
+def test_rerunning_a_finished_run_leaves_it_untouched(trained: dict) -> None:
+    tmp, run_dir = trained["tmp"], trained["run_dir"]
+    before = _snapshot(run_dir)
+    res = _train(tmp, "model.img_dim=256", **trained["over"])
+    assert "finished (last checkpoint epoch_0002, train.max_epoch = 2); nothing to train" in res.stdout
+    res = _train(tmp, **{**trained["over"], "train.max_epoch": 1})
+    assert "warning: train.max_epoch = 1 is lower than the epoch of the run's last checkpoint (2)" in res.stdout
+    assert _snapshot(run_dir) == before
+
+
+def test_another_model_or_class_order_is_refused(trained: dict) -> None:
+    tmp, run_dir = trained["tmp"], trained["run_dir"]
+    before = _snapshot(run_dir)
+    swapped = "data.class_names=['square', 'circle', 'triangle']"
+    line = _error_line(_train(tmp, swapped, rc=1, **{**trained["over"], "train.max_epoch": 3}))
+    assert ("checkpoint holds classes ['circle', 'square', 'triangle'], the recipe asks for "
+            "['square', 'circle', 'triangle'] (the same classes in another order") in line
+    line = _error_line(_train(tmp, "model.name='ssdlite_mobilenet_v3'", rc=1,
+                              **{**trained["over"], "train.max_epoch": 3}))
+    assert "checkpoint holds model 'faceboxes', the recipe asks for 'ssdlite_mobilenet_v3'" in line
+    line = _error_line(_run([sys.executable, "-m", "accel_det.evaluate", run_dir, swapped], tmp, rc=1))
+    assert "checkpoint holds classes" in line
+    assert _snapshot(run_dir) == before
+    # predict with the weights of a run that learnt the classes in another order
+    _train(tmp, swapped, "mission.round=2")
+    other = tmp / "runs" / "demo" / "round2" / "checkpoints" / "epoch_0001"
+    image = next(next((tmp / "data").glob("*/JPEGImages")).glob("*.png"))
+    line = _error_line(_run([sys.executable, "-m", "accel_det.predict", run_dir, image, "--out", tmp / "p3",
+                             "--checkpoint", other], tmp, rc=1))
+    assert f"{other}: checkpoint holds classes ['square', 'circle', 'triangle']" in line
+
+
+def test_output_resume_never_and_explicit_path(trained: dict) -> None:
+    tmp, run_dir = trained["tmp"], trained["run_dir"]
+    more = {**trained["over"], "train.max_epoch": 3}
+    line = _error_line(_train(tmp, "output.resume='never'", rc=1, **more))
+    assert "already holds checkpoints and output.resume = 'never'" in line
+    first = run_dir / "checkpoints" / "epoch_0001"
+    res = _train(tmp, f"output.resume='{first}'", **more)
+    assert f"resumed from {first} (epoch 1, step 3)" in res.stdout
+    epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs if e["event"] == "epoch"][-2:] == [2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one line per expected failure
+
+
+def _voc(root: Path, n_train: int, n_val: int, objects_in: tuple[str, ...] = ("train", "val")) -> Path:
+    """A tiny VOC folder of noise images, one 'circle' box each in the splits named by objects_in."""
+    rng = np.random.default_rng(0)
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    splits = {"train": [f"{i:04d}" for i in range(n_train)], "val": [f"v{i:03d}" for i in range(n_val)]}
+    for split, ids in splits.items():
+        for image_id in ids:
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "JPEGImages" /
+                                                                                    f"{image_id}.png")
+            obj = ("<object><name>circle</name><difficult>0</difficult><bndbox><xmin>10</xmin><ymin>12</ymin>"
+                   "<xmax>40</xmax><ymax>44</ymax></bndbox></object>") if split in objects_in else ""
+            (root / "Annotations" / f"{image_id}.xml").write_text(
+                f"<annotation><filename>{image_id}.png</filename><size><width>64</width><height>64</height>"
+                f"<depth>3</depth></size>{obj}</annotation>")
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{x}\n" for x in ids))
+    return root
+
+
+def _voc_overrides(root: Path) -> list[str]:
+    return ["data.format='voc'", f"data.root='{root}'", "data.class_names=['circle']"]
+
+
+def test_run_time_errors_are_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = _error_line(_train(tmp_path, f"output.root='{blocker / 'runs'}'", rc=1))
+    assert line.startswith(f"error: output.root: cannot write the run dir {blocker / 'runs'}")
+
+    line = _error_line(_train(tmp_path, "data.root='/proc/accel_det/data'", rc=1))
+    assert line.startswith("error: data.root: cannot create /proc/accel_det/data")
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(os.urandom(300))
+    line = _error_line(_train(tmp_path, f"model.weights='{garbage}'", rc=1))
+    assert str(garbage) in line
+
+    if shutil.which("wandb") is None:
+        line = _error_line(_train(tmp_path, "log.trackers=['wandb']", rc=1))
+        assert "log.trackers: 'wandb' needs the package wandb (pip install wandb)" in line
+
+    no_objects = _voc(tmp_path / "voc_empty", 4, 2, objects_in=("val",))
+    line = _error_line(_train(tmp_path, *_voc_overrides(no_objects), rc=1, **{"data.batch_size": 2}))
+    assert f"{no_objects / 'ImageSets/Main/train.txt'}: the training split has no objects" in line
+    assert not (tmp_path / "runs" / "demo" / "round1" / "checkpoints").exists()
+
+
+def test_recipe_errors_are_one_line_exit_2(tmp_path: Path) -> None:
+    recipe = tmp_path / "dup.toml"
+    recipe.write_text('[optimizer]\nlr = 0.1\nlr = 0.2\n')
+    line = _error_line(_run([*_accel_det(), "train", recipe], tmp_path, rc=2))
+    assert line == f"error: {recipe}: not valid TOML: duplicate key 'lr' in [optimizer] (line 3)"
+    line = _error_line(_train(tmp_path, rc=2, **{"train.max_epoch": "true"}))
+    assert "train.max_epoch: Input should be a valid integer" in line
+    line = _error_line(_train(tmp_path, "mission.name=2024-05-01", rc=2))
+    assert "mission.name" in line and "quote the value" in line
+
+
+def test_sample_error_in_a_worker_is_one_line(tmp_path: Path) -> None:
+    root = _voc(tmp_path / "voc", 8, 2)
+    bad = root / "JPEGImages" / "0003.png"
+    bad.write_bytes(b"truncated")
+    line = _error_line(_train(tmp_path, *_voc_overrides(root), rc=1,
+                              **{"data.num_workers": 2, "data.batch_size": 2}))
+    assert line.startswith(f"error: {bad}: cannot read image")
+    assert "stopped in epoch 1/1" in (tmp_path / "runs" / "demo" / "round1" / "log.txt").read_text()
+
+
+def test_val_without_ground_truth_is_never_best(tmp_path: Path) -> None:
+    root = _voc(tmp_path / "voc", 4, 2, objects_in=("train",))
+    res = _train(tmp_path, *_voc_overrides(root), **{"data.batch_size": 2, "train.max_epoch": 2})
+    assert "the val split has no objects" in res.stdout
+    assert res.stdout.count("no checkpoint is marked 'best'") == 1
+    ckpts = tmp_path / "runs" / "demo" / "round1" / "checkpoints"
+    assert (ckpts / "last").is_file() and not (ckpts / "best").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# two processes
+
+
+def _torchrun(n: int) -> list[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+            "127.0.0.1", "--master_port", str(port)]
+
+
+def test_an_error_is_printed_once_not_once_per_process(tmp_path: Path) -> None:
+    ov = tiny_overrides(tmp_path / "runs", Path("/proc/accel_det/data"))
+    res = _run([*_torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path, rc=None)
+    assert res.returncode != 0
+    assert res.stderr.count("error: data.root: cannot create") == 1, res.stderr[-3000:]
+
+
+def test_one_process_failing_stops_both_quickly(tmp_path: Path) -> None:
+    ov = tiny_overrides(tmp_path / "runs", tmp_path / "data", **{"data.batch_size": 4, "train.max_epoch": 2})
+    t0 = time.perf_counter()
+    res = _run([*_torchrun(2), SCRIPTS / "raise_on_rank.py", "1", "2", DEMO, *ov], tmp_path, rc=None, timeout=120)
+    assert res.returncode != 0
+    assert time.perf_counter() - t0 < 90
+    assert res.stderr.count("[rank 1] error: injected failure on rank 1 at step 2") == 1, res.stderr[-3000:]
