@@ -74,6 +74,30 @@ def _train(tmp: Path, *extra: str, rc: int | None = 0, **over: object) -> subpro
     return _run([*_accel_det(), "train", DEMO, *ov, *extra], tmp, rc=rc)
 
 
+def _cli(argv: list[object], capfd: pytest.CaptureFixture[str], rc: int = 0) -> subprocess.CompletedProcess[str]:
+    """``accel-det ARGV`` in this process (no interpreter and torch start-up): for the cases whose point is
+    the outcome, not the entry point. Paths in ARGV must be absolute."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from accel_det.cli import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        code = int(exc.code or 0)
+    out, err = capfd.readouterr()
+    assert code == rc, f"{argv}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def _train_in(tmp: Path, capfd: pytest.CaptureFixture[str], *extra: str, rc: int = 0,
+              **over: object) -> subprocess.CompletedProcess[str]:
+    return _cli(["train", DEMO, *tiny_overrides(tmp / "runs", tmp / "data", **over), *extra], capfd, rc=rc)
+
+
 def _snapshot(run_dir: Path) -> dict[str, str]:
     return {p.relative_to(run_dir).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
             for p in sorted(run_dir.rglob("*")) if p.is_file() and ".lock" not in p.name}
@@ -98,7 +122,8 @@ def test_train_console_script_logs_data_epochs_and_eta(trained: dict) -> None:
     assert [e["epoch"] for e in epochs] == [1, 2] and all("loss" in e and "img_per_s" in e for e in epochs)
 
 
-def test_evaluate_module_names_results_after_what_was_evaluated(trained: dict) -> None:
+def test_evaluate_module_names_results_after_what_was_evaluated(trained: dict, capfd: pytest.CaptureFixture[str]
+                                                                ) -> None:
     tmp, run_dir = trained["tmp"], trained["run_dir"]
     ev = [sys.executable, "-m", "accel_det.evaluate", run_dir]
     _run([*ev, "--checkpoint", "last"], tmp)
@@ -110,17 +135,18 @@ def test_evaluate_module_names_results_after_what_was_evaluated(trained: dict) -
     assert json.loads((run_dir / "eval" / "evaluate_best.json").read_text())["weights"].endswith("model.safetensors")
     # two epochs' weights files and an evaluation with overrides each get their own result file
     for epoch in (1, 2):
-        _run([*ev, "--checkpoint", run_dir / "checkpoints" / f"epoch_000{epoch}" / "model.safetensors"], tmp)
+        _cli(["evaluate", run_dir, "--checkpoint", run_dir / "checkpoints" / f"epoch_000{epoch}" / "model.safetensors"],
+             capfd)
         assert (run_dir / "eval" / f"evaluate_epoch_000{epoch}.json").is_file()
-    _run([*ev, "--checkpoint", "last", "eval.max_det=5"], tmp)
+    _cli(["evaluate", run_dir, "--checkpoint", "last", "eval.max_det=5"], capfd)
     overridden = [p for p in (run_dir / "eval").glob("evaluate_last_*.json")]
     assert len(overridden) == 1 and json.loads(overridden[0].read_text())["overrides"] == ["eval.max_det=5"]
     assert json.loads((run_dir / "eval" / "evaluate_last.json").read_text()) == last  # not overwritten
-    line = _error_line(_run([*ev, "--checkpoint", "nope"], tmp, rc=2))
+    line = _error_line(_cli(["evaluate", run_dir, "--checkpoint", "nope"], capfd, rc=2))
     assert "--checkpoint nope: no such file or checkpoint" in line
 
 
-def test_predict_module_inputs_outputs_and_bad_images(trained: dict) -> None:
+def test_predict_module_inputs_outputs_and_bad_images(trained: dict, capfd: pytest.CaptureFixture[str]) -> None:
     tmp, run_dir = trained["tmp"], trained["run_dir"]
     src = sorted(next((tmp / "data").glob("*/JPEGImages")).glob("*.png"))
     images = tmp / "images"
@@ -133,71 +159,70 @@ def test_predict_module_inputs_outputs_and_bad_images(trained: dict) -> None:
     Image.open(src[3]).resize((96, 48)).save(images / "wide.png")
     shutil.copy(src[4], images / "._x.png")  # macOS AppleDouble: hidden, skipped
     out = images / "preds"  # inside the input folder: never read back
-    pred = [sys.executable, "-m", "accel_det.predict", run_dir, images, "--out", out, "--conf", "0"]
-    _run(pred, tmp)
+    args = [run_dir, images, "--out", out, "--conf", "0"]
+    _run([sys.executable, "-m", "accel_det.predict", *args], tmp)
     res = json.loads((out / "predictions.json").read_text())
     drawn = sorted(r["drawn"] for r in res)
     assert len(res) == 5 and len(set(drawn)) == 5 and "b/x.png" in drawn and "wide.png" in drawn
     for r in res:
         with Image.open(out / r["drawn"]) as im, Image.open(r["file"]) as orig:
             assert im.size == orig.size == (r["width"], r["height"])
-    _run(pred, tmp)  # again: the first run's drawings under --out are not inputs
+    _cli(["predict", *args], capfd)  # again: the first run's drawings under --out are not inputs
     assert len(json.loads((out / "predictions.json").read_text())) == 5
 
     (images / "bad.png").write_bytes(b"not an image")
-    line = _error_line(_run(pred, tmp, rc=1))
+    line = _error_line(_cli(["predict", *args], capfd, rc=1))
     assert "1 of 6 images could not be read" in line and "bad.png" in line
     res = json.loads((out / "predictions.json").read_text())
     assert len(res) == 6 and sum("error" in r for r in res) == 1  # the other five still predicted
 
-    line = _error_line(_run([*pred[:5], images / "missing.png", "--out", tmp / "p2"], tmp, rc=1))
+    line = _error_line(_cli(["predict", run_dir, images / "missing.png", "--out", tmp / "p2"], capfd, rc=1))
     assert "missing.png: no such image or folder" in line and not (tmp / "p2").exists()
-    line = _error_line(_run([*pred[:6], images / "wide.png"], tmp, rc=2))
+    line = _error_line(_cli(["predict", run_dir, images, "--out", images / "wide.png"], capfd, rc=2))
     assert "exists and is not a folder" in line
     for conf in ("1.5", "nan"):
-        res = _run([*pred[:7], "--conf", conf], tmp, rc=2)
+        res = _cli(["predict", run_dir, images, "--out", out, "--conf", conf], capfd, rc=2)
         assert "--conf: must be in [0, 1]" in res.stderr
 
 
-def test_rerunning_a_finished_run_leaves_it_untouched(trained: dict) -> None:
+def test_rerunning_a_finished_run_leaves_it_untouched(trained: dict, capfd: pytest.CaptureFixture[str]) -> None:
     tmp, run_dir = trained["tmp"], trained["run_dir"]
     before = _snapshot(run_dir)
     res = _train(tmp, "model.img_dim=256", **trained["over"])
     assert "finished (last checkpoint epoch_0002, train.max_epoch = 2); nothing to train" in res.stdout
-    res = _train(tmp, **{**trained["over"], "train.max_epoch": 1})
+    res = _train_in(tmp, capfd, **{**trained["over"], "train.max_epoch": 1})
     assert "warning: train.max_epoch = 1 is lower than the epoch of the run's last checkpoint (2)" in res.stdout
     assert _snapshot(run_dir) == before
 
 
-def test_another_model_or_class_order_is_refused(trained: dict) -> None:
+def test_another_model_or_class_order_is_refused(trained: dict, capfd: pytest.CaptureFixture[str]) -> None:
     tmp, run_dir = trained["tmp"], trained["run_dir"]
     before = _snapshot(run_dir)
     swapped = "data.class_names=['square', 'circle', 'triangle']"
-    line = _error_line(_train(tmp, swapped, rc=1, **{**trained["over"], "train.max_epoch": 3}))
+    line = _error_line(_train_in(tmp, capfd, swapped, rc=1, **{**trained["over"], "train.max_epoch": 3}))
     assert ("checkpoint holds classes ['circle', 'square', 'triangle'], the recipe asks for "
             "['square', 'circle', 'triangle'] (the same classes in another order") in line
-    line = _error_line(_train(tmp, "model.name='ssdlite_mobilenet_v3'", rc=1,
-                              **{**trained["over"], "train.max_epoch": 3}))
+    line = _error_line(_train_in(tmp, capfd, "model.name='ssdlite_mobilenet_v3'", rc=1,
+                                 **{**trained["over"], "train.max_epoch": 3}))
     assert "checkpoint holds model 'faceboxes', the recipe asks for 'ssdlite_mobilenet_v3'" in line
-    line = _error_line(_run([sys.executable, "-m", "accel_det.evaluate", run_dir, swapped], tmp, rc=1))
+    line = _error_line(_cli(["evaluate", run_dir, swapped], capfd, rc=1))
     assert "checkpoint holds classes" in line
     assert _snapshot(run_dir) == before
     # predict with the weights of a run that learnt the classes in another order
-    _train(tmp, swapped, "mission.round=2")
+    _train_in(tmp, capfd, swapped, "mission.round=2")
     other = tmp / "runs" / "demo" / "round2" / "checkpoints" / "epoch_0001"
     image = next(next((tmp / "data").glob("*/JPEGImages")).glob("*.png"))
-    line = _error_line(_run([sys.executable, "-m", "accel_det.predict", run_dir, image, "--out", tmp / "p3",
-                             "--checkpoint", other], tmp, rc=1))
+    line = _error_line(_cli(["predict", run_dir, image, "--out", tmp / "p3", "--checkpoint", other], capfd, rc=1))
     assert f"{other}: checkpoint holds classes ['square', 'circle', 'triangle']" in line
 
 
-def test_output_resume_never_and_explicit_path(trained: dict) -> None:
+def test_output_resume_never_and_explicit_path(trained: dict, capfd: pytest.CaptureFixture[str]) -> None:
     tmp, run_dir = trained["tmp"], trained["run_dir"]
     more = {**trained["over"], "train.max_epoch": 3}
-    line = _error_line(_train(tmp, "output.resume='never'", rc=1, **more))
+    line = _error_line(_train_in(tmp, capfd, "output.resume='never'", rc=1, **more))
     assert "already holds checkpoints and output.resume = 'never'" in line
     first = run_dir / "checkpoints" / "epoch_0001"
-    res = _train(tmp, f"output.resume='{first}'", **more)
+    res = _train_in(tmp, capfd, f"output.resume='{first}'", **more)
     assert f"resumed from {first} (epoch 1, step 3)" in res.stdout
     epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs if e["event"] == "epoch"][-2:] == [2, 3]
@@ -230,26 +255,26 @@ def _voc_overrides(root: Path) -> list[str]:
     return ["data.format='voc'", f"data.root='{root}'", "data.class_names=['circle']"]
 
 
-def test_run_time_errors_are_one_line(tmp_path: Path) -> None:
+def test_run_time_errors_are_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    line = _error_line(_train(tmp_path, f"output.root='{blocker / 'runs'}'", rc=1))
+    line = _error_line(_train_in(tmp_path, capfd, f"output.root='{blocker / 'runs'}'", rc=1))
     assert line.startswith(f"error: output.root: cannot write the run dir {blocker / 'runs'}")
 
-    line = _error_line(_train(tmp_path, "data.root='/proc/accel_det/data'", rc=1))
+    line = _error_line(_train_in(tmp_path, capfd, "data.root='/proc/accel_det/data'", rc=1))
     assert line.startswith("error: data.root: cannot create /proc/accel_det/data")
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(os.urandom(300))
-    line = _error_line(_train(tmp_path, f"model.weights='{garbage}'", rc=1))
+    line = _error_line(_train_in(tmp_path, capfd, f"model.weights='{garbage}'", rc=1))
     assert str(garbage) in line
 
     if shutil.which("wandb") is None:
-        line = _error_line(_train(tmp_path, "log.trackers=['wandb']", rc=1))
+        line = _error_line(_train_in(tmp_path, capfd, "log.trackers=['wandb']", rc=1))
         assert "log.trackers: 'wandb' needs the package wandb (pip install wandb)" in line
 
     no_objects = _voc(tmp_path / "voc_empty", 4, 2, objects_in=("val",))
-    line = _error_line(_train(tmp_path, *_voc_overrides(no_objects), rc=1, **{"data.batch_size": 2}))
+    line = _error_line(_train_in(tmp_path, capfd, *_voc_overrides(no_objects), rc=1, **{"data.batch_size": 2}))
     assert f"{no_objects / 'ImageSets/Main/train.txt'}: the training split has no objects" in line
     assert not (tmp_path / "runs" / "demo" / "round1" / "checkpoints").exists()
 
@@ -275,9 +300,9 @@ def test_sample_error_in_a_worker_is_one_line(tmp_path: Path) -> None:
     assert "stopped in epoch 1/1" in (tmp_path / "runs" / "demo" / "round1" / "log.txt").read_text()
 
 
-def test_val_without_ground_truth_is_never_best(tmp_path: Path) -> None:
+def test_val_without_ground_truth_is_never_best(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     root = _voc(tmp_path / "voc", 4, 2, objects_in=("train",))
-    res = _train(tmp_path, *_voc_overrides(root), **{"data.batch_size": 2, "train.max_epoch": 2})
+    res = _train_in(tmp_path, capfd, *_voc_overrides(root), **{"data.batch_size": 2, "train.max_epoch": 2})
     assert "the val split has no objects" in res.stdout
     assert res.stdout.count("no checkpoint is marked 'best'") == 1
     ckpts = tmp_path / "runs" / "demo" / "round1" / "checkpoints"

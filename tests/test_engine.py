@@ -26,14 +26,7 @@ REPO = Path(__file__).parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # accelerate keeps process-wide singletons: each test builds its own Accelerator from scratch
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 class ToyDetector(nn.Module):

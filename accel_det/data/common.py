@@ -2,7 +2,7 @@
 
 Every reader parses its annotations once at construction into a list of ``Record`` (numpy boxes, cheap to
 pickle into DataLoader workers) and inherits ``__getitem__`` from ``DetectionDataset``; so the sample
-contract (DESIGN.md section 4) lives in one place. Problems worth telling but not fatal (stale VOC
+contract (docs/architecture.md, Contracts) lives in one place. Problems worth telling but not fatal (stale VOC
 ``<filename>`` tags, COCO sizes that disagree with the images) go into ``DetectionDataset.warnings`` as
 one-line messages; the engine logs them, the datasets never print.
 """

@@ -1,5 +1,5 @@
 """The model registry. Every builder takes the validated Recipe and returns an ``nn.Module`` that follows
-torchvision's detection contract (DESIGN §4):
+torchvision's detection contract (docs/architecture.md, Contracts):
 
 * ``forward(images, targets=None)``; ``images`` is a float tensor (N, C, H, W) in [0, 1] (or a list of
   (C, H, W) tensors), ``targets`` a list of ``{"boxes": float (n, 4) xyxy abs px, "labels": int64 1..K}``;

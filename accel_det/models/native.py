@@ -2,7 +2,8 @@
 
 ``net`` maps normalised images (N, C, H, W) to raw ``loc`` (N, P, 4) and ``conf`` (N, P, K+1) logits
 (class 0 = background) and exposes ``strides`` (one per feature map) and ``classification_convs()``
-(the last conv of each conf head, for the bias prior). Everything here follows DESIGN §4.
+(the last conv of each conf head, for the bias prior). Everything here follows the model contract in
+docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """torchvision detectors, registered with ``weights=None, weights_backbone=None``: nothing is ever downloaded.
 
-Classes: our labels are 1..K everywhere (DESIGN §4). The softmax-head detectors (SSD, SSDlite, Faster R-CNN)
-have an explicit background class 0, so they are built with ``num_classes = K + 1``. The sigmoid-head ones
-(RetinaNet, FCOS) score each of their ``num_classes`` outputs independently, with no background output:
-built with K + 1 they would spend a logit on a class that never occurs and could still emit label 0. They
-are built with K outputs instead and shift labels at the boundary (:class:`LabelsFromOne`).
+Classes: our labels are 1..K everywhere (docs/architecture.md, Contracts). The softmax-head detectors (SSD,
+SSDlite, Faster R-CNN) have an explicit background class 0, so they are built with ``num_classes = K + 1``.
+The sigmoid-head ones (RetinaNet, FCOS) score each of their ``num_classes`` outputs independently, with no
+background output: built with K + 1 they would spend a logit on a class that never occurs and could still
+emit label 0. They are built with K outputs instead and shift labels at the boundary
+(:class:`LabelsFromOne`).
 
 Each model resizes internally (GeneralizedRCNNTransform) and maps its boxes back to the size of the image
 it was given, so outputs are in input-image pixels as the contract asks.
