@@ -46,7 +46,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] |
         console = Console(highlight=False, soft_wrap=True)
         console.print(metrics_table(out.result, title=f"{recipe.eval.metric}: {opened.weights.path}"))
         console.print(f"wrote {eval_dir / f'evaluate_{tag}.json'}", markup=False)
-    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return out.result
 
 

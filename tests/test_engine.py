@@ -181,7 +181,7 @@ def test_a_failing_run_logs_where_it_stopped_and_releases_everything(tmp_path: P
         run_training(recipe, hooks=[_Raise(step=4)])
     run_dir = recipe.run_dir()
     log = (run_dir / "log.txt").read_text()
-    assert "stopped in epoch 2/2 after optimizer step 4: error: injected: a sample went bad" in log
+    assert "stopped in epoch 2/2, at optimizer step 4: error: injected: a sample went bad" in log
     # the lock is free again: a new run in the same dir resumes from epoch 1's checkpoint and finishes
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

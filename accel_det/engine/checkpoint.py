@@ -64,7 +64,7 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def read_checkpoint_recipe(path: Path) -> dict[str, Any] | None:
-    """The recipe a checkpoint was saved with (``recipe.json`` inside it; older ones have none)."""
+    """The recipe a checkpoint (or a run dir) was saved with: ``recipe.json`` inside it; None if it has none."""
     file = path / "recipe.json"
     if not file.is_file():
         return None

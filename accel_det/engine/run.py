@@ -9,7 +9,6 @@ is never mistaken for the keyword.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,10 +105,10 @@ def _resolved(run_dir: Path, keyword: str) -> Path:
 
 
 def _saved_recipe(run_dir: Path, weights: Weights) -> dict[str, Any] | None:
-    saved = read_checkpoint_recipe(weights.checkpoint) if weights.checkpoint is not None else None
-    if saved is None:  # final weights, or a checkpoint older than its own recipe.json: the run's recipe
-        saved = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8"))
-    return saved
+    # the checkpoint's own recipe; for a weights file, the recipe.json beside it (another run's final
+    # model.safetensors); else (a checkpoint older than its own recipe.json) the run's
+    saved = read_checkpoint_recipe(weights.checkpoint or weights.path.parent)
+    return saved if saved is not None else read_checkpoint_recipe(run_dir)
 
 
 def open_run(run_dir: Path, checkpoint: str = "best", overrides: Sequence[str] = ()) -> OpenedRun:

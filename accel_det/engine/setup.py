@@ -9,7 +9,6 @@ only then the files that describe the run (recipe.json, env.json) and the tracke
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from accel_det.optim import build_optimizer, build_scheduler, jump_to_step
 
 @dataclass
 class Run:
-    """Everything the loop needs, built by :func:`setup`. ``close()`` ends trackers and releases the lock."""
+    """Everything the loop needs, built by :func:`setup`."""
 
     recipe: Recipe
     accelerator: Accelerator
@@ -67,8 +66,12 @@ class Run:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def close(self) -> None:
-        if self.recipe.log.trackers:
+    def close(self, success: bool) -> None:
+        """End the trackers and release the run-dir lock; after a success also tear the process group down
+        (after a failure the other processes may still sit in a collective: leave that to the launcher)."""
+        if success:
+            self.accelerator.end_training()
+        else:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
         if self.lock is not None:
@@ -175,9 +178,8 @@ def _setup_resume_point(recipe: Recipe, run_dir: Path) -> ResumePoint | None:
     path = resolve_checkpoint(run_dir, "auto" if spec == "auto" else spec)
     if path is None:
         return None
-    saved_recipe = read_checkpoint_recipe(path)
-    if saved_recipe is None and (run_dir / "recipe.json").is_file():  # checkpoints from before they held one
-        saved_recipe = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8"))
+    # checkpoints from before they held their own recipe: the run's
+    saved_recipe = read_checkpoint_recipe(path) or read_checkpoint_recipe(run_dir)
     check_same_model(path, saved_recipe, recipe)
     return ResumePoint(path, read_trainer_state(path))
 

@@ -34,6 +34,7 @@ def train(run: Run) -> TrainState:
     recipe, state, log = run.recipe, run.state, run.log
     max_epoch = recipe.train.max_epoch
     clock = RunClock(max_epoch, len(run.train_loader), run.eval_due, len(run.val_loader))
+    success, where = False, f"in epoch {state.epoch + 1}/{max_epoch}"
     try:
         for hook in run.hooks:
             hook.before_train(state)
@@ -41,6 +42,7 @@ def train(run: Run) -> TrainState:
         with TrainProgress(log, clock, recipe.train.log_freq) as progress:
             for epoch in range(state.epoch, max_epoch):
                 run.train_loader.set_epoch(epoch)
+                where = f"in epoch {epoch + 1}/{max_epoch}"
                 progress.start_epoch(epoch)
                 t0 = time.perf_counter()
                 means, img_per_s = train_one_epoch(run, epoch, progress)
@@ -49,17 +51,18 @@ def train(run: Run) -> TrainState:
                 progress.end_epoch(epoch, means, run.lr(), img_per_s, seconds)
                 log.event({"event": "epoch", "epoch": state.epoch, "step": state.global_step,
                            "seconds": round(seconds, 3), "lr": run.lr(), **means, "img_per_s": round(img_per_s, 2)})
+                where = f"after epoch {state.epoch}/{max_epoch} (evaluation, checkpoint)"
                 for hook in run.hooks:
                     hook.after_epoch(state)
         for hook in run.hooks:
             hook.after_train(state)
+        success = True
     except BaseException as exc:
         # stderr gets the error from the CLI wrapper; the run dir must say why and where the run stopped
-        log.error(f"stopped in epoch {state.epoch + 1}/{max_epoch} after optimizer step {state.global_step}: "
-                  f"{_describe(exc)}")
+        log.error(f"stopped {where}, at optimizer step {state.global_step}: {_describe(exc)}")
         raise
     finally:
-        run.close()
+        run.close(success)
     if state.best_metric is not None:
         log.info(f"best {recipe.eval.metric} {state.best_metric:.4f} at epoch {state.best_epoch}")
     log.info(f"done: {run.run_dir}")
