@@ -99,6 +99,9 @@ class OutputConfig(_Table):
     checkpoint_freq: NonNegInt = Field(1, description="Save a checkpoint every N epochs (0 = only the last)")
     keep_last: NonNegInt = Field(3, description="Keep the newest N epoch checkpoints (0 = keep all)")
     save_best: StrictBool = Field(True, description="Keep checkpoints/best by eval's headline metric")
+    checkpoint_every_steps: NonNegInt = Field(
+        0, description="Also save inside an epoch every N optimizer steps (0 = off); only the newest is kept"
+    )
     resume: str = Field(
         "auto", description="'auto' (latest checkpoint in the run dir), 'never', or a checkpoint path"
     )
@@ -277,6 +280,10 @@ class DataConfig(_Table):
         default_factory=lambda: ["hflip"], description="Training augments (torchvision.transforms.v2)"
     )
     keep_difficult: StrictBool = Field(False, description="voc: train on boxes marked difficult")
+    on_bad_sample: Literal["skip", "error"] = Field(
+        "skip", description="Bad image or annotation entry: 'skip' (drop or replace it, counted) or 'error'"
+    )
+    ignore_classes: list[str] = Field(default_factory=list, description="voc/coco: drop objects of these classes")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @field_validator("class_names")
@@ -293,6 +300,18 @@ class DataConfig(_Table):
     def _coco_only(self) -> DataConfig:
         if self.format != "coco" and (self.train_images or self.val_images):
             raise ValueError("train_images/val_images apply only to format = 'coco'")
+        return self
+
+    @model_validator(mode="after")
+    def _ignored(self) -> DataConfig:
+        both = [n for n in self.ignore_classes if n in self.class_names]
+        if both:
+            raise _KeyError(
+                "ignore_classes", f"{', '.join(both)} also in data.class_names: a class is trained or ignored"
+            )
+        if self.ignore_classes and self.format == "yolo":
+            # YOLO labels are positions in class_names: an ignored name has no id to match
+            raise _KeyError("ignore_classes", "applies to formats voc and coco (YOLO class ids index class_names)")
         return self
 
 

@@ -11,7 +11,9 @@ from .builder import (
 )
 from .coco import COCODetection
 from .collate import collate_fn
-from .common import DatasetError, DetectionDataset, load_image
+from .common import PROBLEM_KINDS, DatasetError, Problem
+from .dataset import DetectionDataset, sample_seed
+from .images import load_image
 from .synthetic import make_synthetic_voc
 from .transforms import build_transforms
 from .voc import VOCDetection
@@ -21,6 +23,8 @@ __all__ = [
     "COCODetection",
     "DatasetError",
     "DetectionDataset",
+    "PROBLEM_KINDS",
+    "Problem",
     "VOCDetection",
     "YOLODetection",
     "build_dataset",
@@ -33,5 +37,6 @@ __all__ = [
     "eval_transforms",
     "load_image",
     "make_synthetic_voc",
+    "sample_seed",
     "seed_worker",
 ]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import random
+import atexit
+import multiprocessing
+import signal
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
@@ -16,7 +16,7 @@ from accel_det.config import Recipe
 
 from .coco import COCODetection
 from .collate import collate_fn
-from .common import DetectionDataset
+from .dataset import DetectionDataset, OnBadSample
 from .synthetic import make_synthetic_voc
 from .transforms import build_transforms
 from .voc import VOCDetection
@@ -45,7 +45,10 @@ def build_dataset(recipe: Recipe, split: Literal["train", "val"]) -> DetectionDa
 
     ``data.root`` is relative to the working directory; the split keys are relative to ``data.root``
     (absolute paths work for all of them). Only the asked split is indexed: ``evaluate`` must work when the
-    training files are gone."""
+    training files are gone.
+
+    ``data.on_bad_sample = "skip"`` replaces an unreadable training sample by another; on val it becomes
+    "blank" (an unreadable image is scored as missing, not swapped for another image's ground truth)."""
     data, model = recipe.data, recipe.model
     root, fmt = _root(recipe)
     names = data.class_names
@@ -53,17 +56,21 @@ def build_dataset(recipe: Recipe, split: Literal["train", "val"]) -> DetectionDa
     tf = build_transforms(True, model.img_dim, data.augments, channels=model.channels) if train else (
         eval_transforms(recipe))
     where = data.train if train else data.val
+    policy: OnBadSample = data.on_bad_sample if train or data.on_bad_sample == "error" else "blank"
+    common: dict[str, Any] = dict(on_bad_sample=policy, seed=recipe.train.seed)
     if fmt == "voc":
         # validation keeps difficult boxes, flagged, for the evaluator to ignore
         keep = data.keep_difficult if train else True
-        return VOCDetection(root, where, names, tf, keep_difficult=keep, channels=model.channels)
+        return VOCDetection(root, where, names, tf, keep_difficult=keep, channels=model.channels,
+                            ignore_classes=data.ignore_classes, **common)  # fmt: skip
     if fmt == "coco":
         # Crowd boxes are left out of training (torchvision's references do the same: a crowd box is one
         # box around many objects) but kept, flagged difficult, for the evaluator.
         images = data.train_images if train else data.val_images
-        return COCODetection(root / where, root / images, names, tf, model.channels, keep_crowd=not train)
+        return COCODetection(root / where, root / images, names, tf, model.channels, keep_crowd=not train,
+                             ignore_classes=data.ignore_classes, **common)  # fmt: skip
     if fmt == "yolo":
-        return YOLODetection(root, where, names, tf, model.channels)
+        return YOLODetection(root, where, names, tf, model.channels, **common)
     raise ValueError(f"unknown data.format {data.format!r}")  # pragma: no cover - config validates it
 
 
@@ -73,25 +80,40 @@ def build_datasets(recipe: Recipe) -> tuple[DetectionDataset, DetectionDataset]:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy and random from the worker's torch seed (the loader's generator + worker id).
+    """DataLoader ``worker_init_fn`` (the name is historical): workers ignore SIGINT and SIGTERM.
 
-    torch >= 1.9 does much the same on its own; stating it here keeps every worker's numpy/random draws
-    distinct and reproducible from ``train.seed`` whatever the torch version or multiprocessing start
-    method (forked workers otherwise all inherit the parent's numpy state)."""
-    seed = torch.initial_seed() % 2**32
-    # The loader's generator is seeded alike on every process (it must be: it is shared with the sampler),
-    # so the workers of rank r > 0 would repeat rank 0's augmentation draws exactly. Mix the launcher's
-    # rank in; rank 0 (and every 1-process run) keeps its seeds.
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if rank:
-        seed = (seed + 1_000_003 * rank) % 2**32
-        torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    Ctrl-C in a terminal and SLURM's SIGTERM go to the whole process group. The main process handles them
+    (it finishes the step, saves a checkpoint and shuts its workers down); a worker they killed first would
+    make it fail with "DataLoader worker exited unexpectedly" instead. A worker whose main process dies
+    anyway exits by itself (torch's watchdog checks the parent).
+
+    Nothing is seeded here: augmentations draw from a generator seeded per sample (dataset.py), and torch
+    seeds each worker's torch, numpy and ``random`` on its own. (Until that change, this mixed the
+    launcher's rank into the worker seeds, because the worker streams drove the augmentations.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit. Workers ignore SIGTERM (above), and that is how multiprocessing's own exit hook stops the
+    daemon workers it still finds alive (a loader whose iterator is still referenced, e.g. after an error):
+    it would wait for them forever. This hook runs first (atexit is last-in first-out) and kills them."""
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    # torch's SIGCHLD handler raises in the main process when a worker dies: we are the ones killing them
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
 
 
 def _loader_kwargs(recipe: Recipe) -> dict[str, Any]:
     workers = recipe.data.num_workers
+    if workers > 0:
+        atexit.unregister(_kill_leftover_workers)  # once, and after multiprocessing's hook
+        atexit.register(_kill_leftover_workers)
     return dict(
         num_workers=workers,
         collate_fn=collate_fn,

@@ -1,82 +1,124 @@
-"""Shared pieces of the dataset readers: image loading, one-line errors, the common Dataset base.
+"""Shared pieces of the dataset readers: folder listings, box checks, the ``Record`` of one image, and the
+``Problem`` list a reader keeps of what it dropped.
 
 Every reader parses its annotations once at construction into a list of ``Record`` (numpy boxes, cheap to
-pickle into DataLoader workers) and inherits ``__getitem__`` from ``DetectionDataset``; so the sample
-contract (docs/architecture.md, Contracts) lives in one place. Problems worth telling but not fatal (stale VOC
-``<filename>`` tags, COCO sizes that disagree with the images) go into ``DetectionDataset.warnings`` as
-one-line messages; the engine logs them, the datasets never print.
+pickle into DataLoader workers) and inherits ``__getitem__`` from ``DetectionDataset`` (dataset.py); so the
+sample contract (docs/architecture.md, Contracts) lives in one place.
+
+Problems at index time. A problem confined to one image or one object (a missing image, a malformed XML, an
+inverted box, ...) is raised by the parsers as ``BadEntry``: in ``on_bad_sample = "error"`` mode it stops the
+run as the first problem always did; otherwise the reader drops the image or the object and records a
+``Problem``. What makes a whole split unusable (a missing split file or instances JSON, no usable image, YOLO
+pixel coordinates, class names the recipe does not know) stays a plain ``DatasetError`` in every mode.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from accel_det.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that rotate by 90 degrees: width <-> height
 
-Target = dict[str, Any]
-Transforms = Callable[[tv_tensors.Image, Target], tuple[tv_tensors.Image, Target]]
-
-
-def load_image(path: str | Path, channels: int = 3) -> tv_tensors.Image:
-    """Read an image as uint8 CHW with EXIF orientation applied: RGB (channels=3) or L (channels=1)."""
-    if channels not in (1, 3):
-        raise DatasetError(f"{path}: cannot load images with {channels} channels (supported: 1, 3)")
-    try:
-        with Image.open(path) as img:
-            # Phone photos store pixels unrotated plus an Orientation tag; annotations (and people) see the
-            # rotated picture, so rotate before anything reads the size.
-            img = ImageOps.exif_transpose(img)
-            if img.mode.startswith("I"):
-                img = _sixteen_to_eight_bit(img)
-            elif img.mode == "F":
-                img = _float_to_eight_bit(img, path)
-            elif img.mode == "P":
-                # Palette images with a transparent index warn when converted straight to RGB.
-                img = img.convert("RGBA")
-            img = img.convert("L" if channels == 1 else "RGB")  # gray/RGBA/CMYK/16-bit -> 8-bit L or RGB
-    except DatasetError:
-        raise  # already names the file; DataError is a ValueError, keep the clause below from rewording it
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot read image: {exc}") from None
-    return tv_tensors.Image(F.pil_to_tensor(img))
+# The kinds of ``Problem`` and how the summary line names them. A data doctor groups by these keys: add a
+# kind here (and to the readers) rather than reusing one for something else.
+PROBLEM_KINDS: dict[str, str] = {
+    "missing_image": "image file missing",
+    "unreadable_image": "image file cannot be read",
+    "missing_annotation": "annotation file missing",
+    "malformed_annotation": "malformed annotation",
+    "invalid_box": "invalid box (inverted, negative size or non-finite)",
+    "box_outside": "box wholly outside the declared image size",
+    "duplicate_image_id": "image id listed more than once",
+    "orphan_annotation": "annotation of an image id the file does not list",
+    "size_mismatch": "annotation boxes reach beyond the real image (resized after annotation?)",
+    "ignored_class": "object of a class in data.ignore_classes",
+    # informational, never fatal; the readers write their own summary lines for these
+    "stale_filename": "<filename> names another image than the one of the id",
+    "size_differs": "declared width/height differ from the real image",
+}
+IMAGE_DROPPED = "image dropped"
+OBJECT_DROPPED = "object dropped"
+ANNOTATION_DROPPED = "annotation dropped"
 
 
-def _sixteen_to_eight_bit(img: Image.Image) -> Image.Image:
-    """16-bit gray (PNG/TIFF from thermal or medical cameras; Pillow opens them as "I;16" or "I"):
-    PIL's convert would clip everything above 255 to white, so scale the 16-bit range down instead."""
-    pixels = np.asarray(img).astype(np.int64)
-    if img.mode.startswith("I;16") or pixels.max(initial=0) > 255:
-        pixels = pixels // 257
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+@dataclass(frozen=True)
+class Problem:
+    """One thing a reader found wrong with the data, and what it did about it.
+
+    ``kind`` is a key of ``PROBLEM_KINDS``; ``file`` the file at fault (annotation file, label file, image or
+    instances JSON); ``detail`` where in it and what (one line); ``action`` what the reader did:
+    "image dropped", "object dropped", "annotation dropped", or for the informational kinds what it used."""
+
+    kind: str
+    file: str
+    detail: str
+    action: str
+
+    def line(self) -> str:
+        return f"{self.file}: {self.detail}"
 
 
-def _float_to_eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
-    """32-bit float gray (mode "F": TIFFs from scientific cameras or exported by numpy pipelines): PIL's
-    convert truncates values to 0..255, so a [0, 1] image turns black. Scale [0, 1] data, clip the rest."""
-    pixels = np.asarray(img, dtype=np.float64)
-    if not np.isfinite(pixels).all():
-        raise DatasetError(f"{path}: float image has NaN or infinite pixel values")
-    if pixels.max(initial=0.0) <= 1.0:
-        pixels = pixels * 255.0
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+class BadEntry(DatasetError):
+    """A problem confined to one image or object: fatal in "error" mode (its message is the error line
+    readers always raised), a ``Problem`` otherwise."""
+
+    def __init__(self, kind: str, file: str | Path, message: str) -> None:
+        assert kind in PROBLEM_KINDS, kind
+        super().__init__(message)
+        self.kind = kind
+        self.file = str(file)
+        # the message without the leading file name, which Problem.file holds
+        rest = message.removeprefix(self.file)
+        self.detail = rest.removeprefix(":").strip() if rest != message else message
+
+    def problem(self, action: str) -> Problem:
+        return Problem(self.kind, self.file, self.detail, action)
+
+
+def summarize(problems: Sequence[Problem], source: str | Path, skip: Sequence[str] = ()) -> list[str]:
+    """One log line per problem kind (except ``skip``): count, what was done, and the first few problems."""
+    lines = []
+    for kind, description in PROBLEM_KINDS.items():
+        group = [p for p in problems if p.kind == kind]
+        if not group or kind in skip:
+            continue
+        actions: dict[str, int] = {}
+        for p in group:
+            actions[p.action] = actions.get(p.action, 0) + 1
+        done = next(iter(actions)) if len(actions) == 1 else ", ".join(f"{a}: {n}" for a, n in actions.items())
+        lines.append(f"{source}: {len(group)} x {description} ({done}): {first_few([p.line() for p in group], 2)}")
+    return lines
+
+
+class UnknownNames:
+    """Class names (or ids) an annotation uses that the recipe does not know, counted over a whole split so
+    one error can list them all: fixing one name per run, on a big dataset, takes a day."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+
+    def add(self, name: str, where: str | Path, count: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + count
+        if count:
+            self.first.setdefault(name, str(where))
+
+    def check(self, source: str | Path, what: str, hint: str) -> None:
+        """Raise one DatasetError listing every name with its count and first file (none: return)."""
+        if not self.counts:
+            return
+        listed = ", ".join(
+            f"{name} ({n}, first in {self.first[name]})" if name in self.first else f"{name} ({n})"
+            for name, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
+        raise DatasetError(f"{source}: {what} {listed}; {hint}")
 
 
 def is_hidden(path: Path, root: Path) -> bool:
@@ -90,29 +132,13 @@ def is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") and part not in (".", "..") for part in parts)
 
 
-def image_size(path: Path, oriented: bool = True) -> tuple[int, int]:
-    """(width, height) of an image from its header alone (no pixels decoded); ``oriented``: as ``load_image``
-    returns it, i.e. swapped for EXIF orientations 5-8 (for some formats, e.g. PNG, reading EXIF decodes the
-    image)."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if oriented and img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
-                w, h = h, w
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot read image: {exc}") from None
-    return int(w), int(h)
-
-
 def first_few(items: Sequence[str], limit: int = 3) -> str:
     """``a, b, c and 4 more``: the head of a long list for a one-line message."""
     head = ", ".join(items[:limit])
     return f"{head} and {len(items) - limit} more" if len(items) > limit else head
 
 
-def check_inside(values: Sequence[float], width: float, height: float, where: str) -> None:
+def check_inside(values: Sequence[float], width: float, height: float, where: str, file: str | Path) -> None:
     """Reject a box (continuous 0-based xyxy px) with no area inside the declared ``width`` x ``height``: it
     would be clamped to nothing at load time, silently losing the object. Partial overlaps are fine (clamped
     at load). The transposed size counts too: for EXIF-rotated photos, tools disagree on which one to declare."""
@@ -125,7 +151,9 @@ def check_inside(values: Sequence[float], width: float, height: float, where: st
         return iw < 0 or ih < 0 or (x2 > x1 and y2 > y1 and (iw == 0 or ih == 0))
 
     if outside(width, height) and outside(height, width):
-        raise DatasetError(
+        raise BadEntry(
+            "box_outside",
+            file,
             f"{where}: box x1={x1:g} y1={y1:g} x2={x2:g} y2={y2:g} lies wholly outside the declared "
             f"{width:g}x{height:g} image"
         )
@@ -180,13 +208,15 @@ def read_lines(path: Path, what: str) -> list[str]:
         raise DatasetError(f"{path}: cannot read {what}: {exc}") from None
 
 
-def check_box(values: Sequence[float], where: str) -> None:
+def check_box(values: Sequence[float], where: str, file: str | Path) -> None:
     """Reject non-finite values and inverted boxes (``values`` = x1, y1, x2, y2)."""
     if not all(math.isfinite(v) for v in values):
-        raise DatasetError(f"{where}: box {list(values)} has a non-finite value")
+        raise BadEntry("invalid_box", file, f"{where}: box {list(values)} has a non-finite value")
     x1, y1, x2, y2 = values
     if x2 < x1 or y2 < y1:
-        raise DatasetError(f"{where}: box x1={x1:g} y1={y1:g} x2={x2:g} y2={y2:g} has x2 < x1 or y2 < y1")
+        raise BadEntry(
+            "invalid_box", file, f"{where}: box x1={x1:g} y1={y1:g} x2={x2:g} y2={y2:g} has x2 < x1 or y2 < y1"
+        )
 
 
 def class_list(class_names: Sequence[str]) -> str:
@@ -222,84 +252,3 @@ def make_record(
         difficult=np.asarray(difficult, dtype=bool).reshape(-1),
         normalized=normalized,
     )
-
-
-class DetectionDataset(Dataset):
-    """Base of the readers: subclasses fill ``records``, ``class_names`` and ``category_ids``."""
-
-    def __init__(
-        self,
-        class_names: Sequence[str],
-        transforms: Transforms | None,
-        channels: int,
-        keep_difficult: bool = True,
-    ) -> None:
-        if channels not in (1, 3):
-            raise DatasetError(f"model.channels = {channels}: datasets load 1- or 3-channel images only")
-        self.class_names: list[str] = list(class_names)
-        self.category_ids: list[int] = []
-        self.records: list[Record] = []
-        self.transforms = transforms
-        self.channels = channels
-        # One-line messages about the data that do not stop training; the engine logs them once per run.
-        self.warnings: list[str] = []
-        # False drops difficult (VOC) / crowd (COCO) boxes: training on them teaches the model to fire on
-        # things the evaluator ignores.
-        self.keep_difficult = keep_difficult
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def image_path(self, idx: int) -> Path:
-        return self.records[idx].path
-
-    def num_objects(self) -> int:
-        """Boxes a sample will carry: difficult/crowd ones only when kept, and only boxes with an area
-        (zero-area boxes are dropped by the training transforms' SanitizeBoundingBoxes)."""
-        total = 0
-        for rec in self.records:
-            boxes = rec.boxes if self.keep_difficult else rec.boxes[~rec.difficult]
-            if rec.normalized:  # the clamp __getitem__ applies once the size is known
-                boxes = boxes.clip(0.0, 1.0)
-            total += int(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).sum())
-        return total
-
-    def __getitem__(self, idx: int) -> tuple[tv_tensors.Image, Target]:
-        try:
-            return self._load(idx)
-        except DatasetError as exc:
-            # A sample is read by one process only (its shard): that process must report it, not rank 0.
-            exc.local = True
-            raise
-
-    def _load(self, idx: int) -> tuple[tv_tensors.Image, Target]:
-        rec = self.records[idx]
-        image = load_image(rec.path, self.channels)
-        h, w = image.shape[-2:]
-        boxes, labels, difficult = rec.boxes, rec.labels, rec.difficult
-        if not self.keep_difficult:
-            keep = ~difficult
-            boxes, labels, difficult = boxes[keep], labels[keep], difficult[keep]
-        boxes = torch.from_numpy(boxes.copy())
-        if rec.normalized:
-            boxes *= torch.tensor([w, h, w, h], dtype=torch.float32)
-        # Boxes partly outside the image are clamped; a box wholly outside becomes degenerate and the
-        # training transforms' SanitizeBoundingBoxes drops it.
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        target: Target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-            "labels": torch.from_numpy(labels.copy()),
-            "difficult": torch.from_numpy(difficult.copy()),
-            "image_id": rec.image_id,
-            "orig_size": (int(h), int(w)),
-        }
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({len(self)} images, {self.num_objects()} objects, "
-            f"classes: {class_list(self.class_names)})"
-        )

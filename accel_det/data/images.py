@@ -1,0 +1,83 @@
+"""Reading image files: pixels as uint8 CHW with EXIF orientation applied, and sizes from headers alone.
+
+Every failure is a ``DatasetError`` naming the file, so a reader can tell a bad image (one sample) from a bug.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from accel_det.errors import DatasetError
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that rotate by 90 degrees: width <-> height
+# What Pillow raises for a file that is not a readable image: unknown format, truncated or corrupt data
+# (OSError, SyntaxError, ValueError from the decoders), or pixel counts past its decompression-bomb limit.
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def load_image(path: str | Path, channels: int = 3) -> tv_tensors.Image:
+    """Read an image as uint8 CHW with EXIF orientation applied: RGB (channels=3) or L (channels=1)."""
+    if channels not in (1, 3):
+        raise DatasetError(f"{path}: cannot load images with {channels} channels (supported: 1, 3)")
+    try:
+        with Image.open(path) as img:
+            # Phone photos store pixels unrotated plus an Orientation tag; annotations (and people) see the
+            # rotated picture, so rotate before anything reads the size.
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):
+                img = _sixteen_to_eight_bit(img)
+            elif img.mode == "F":
+                img = _float_to_eight_bit(img, path)
+            elif img.mode == "P":
+                # Palette images with a transparent index warn when converted straight to RGB.
+                img = img.convert("RGBA")
+            img = img.convert("L" if channels == 1 else "RGB")  # gray/RGBA/CMYK/16-bit -> 8-bit L or RGB
+    except DatasetError:
+        raise  # already names the file; DataError is a ValueError, keep the clause below from rewording it
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file missing") from None
+    except _UNREADABLE as exc:
+        raise DatasetError(f"{path}: cannot read image: {exc}") from None
+    return tv_tensors.Image(F.pil_to_tensor(img))
+
+
+def _sixteen_to_eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit gray (PNG/TIFF from thermal or medical cameras; Pillow opens them as "I;16" or "I"):
+    PIL's convert would clip everything above 255 to white, so scale the 16-bit range down instead."""
+    pixels = np.asarray(img).astype(np.int64)
+    if img.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+        pixels = pixels // 257
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+
+
+def _float_to_eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
+    """32-bit float gray (mode "F": TIFFs from scientific cameras or exported by numpy pipelines): PIL's
+    convert truncates values to 0..255, so a [0, 1] image turns black. Scale [0, 1] data, clip the rest."""
+    pixels = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(pixels).all():
+        raise DatasetError(f"{path}: float image has NaN or infinite pixel values")
+    if pixels.max(initial=0.0) <= 1.0:
+        pixels = pixels * 255.0
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+
+
+def image_size(path: Path, oriented: bool = True) -> tuple[int, int]:
+    """(width, height) of an image from its header alone (no pixels decoded); ``oriented``: as ``load_image``
+    returns it, i.e. swapped for EXIF orientations 5-8 (for some formats, e.g. PNG, reading EXIF decodes the
+    image)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if oriented and img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
+                w, h = h, w
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file missing") from None
+    except _UNREADABLE as exc:
+        raise DatasetError(f"{path}: cannot read image: {exc}") from None
+    return int(w), int(h)
