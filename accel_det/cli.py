@@ -6,13 +6,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from accel_det.errors import run_cli
+from accel_det.errors import RecipeError, run_cli
 
 
 def _validate(args: argparse.Namespace) -> int:
     from accel_det.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    # a tracker whose package is missing would be dropped without a word at run time
+    from accel_det.trackers import missing_tracker_packages
+
+    problems = missing_tracker_packages(recipe.log.trackers)
+    if problems:
+        raise RecipeError(f"{args.recipe}: {problems[0]}")
     if not args.quiet:
         print(recipe.to_json())
     print(f"ok: {args.recipe} -> run dir {recipe.run_dir()}", file=sys.stderr)

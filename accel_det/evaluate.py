@@ -21,7 +21,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] |
     from rich.console import Console
 
     from accel_det.data import build_dataset, build_val_loader
-    from accel_det.engine.distributed import build_accelerator, write_json_atomic
+    from accel_det.engine.distributed import build_accelerator, main_process_first, write_json_atomic
     from accel_det.engine.evaluator import Evaluator
     from accel_det.engine.run import open_run
     from accel_det.metrics import metrics_table
@@ -31,8 +31,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] |
     accelerator = build_accelerator(recipe)
     if opened.weights.note:
         accelerator.print(f"note: {opened.weights.note}")
-    with accelerator.main_process_first():
-        val_set = build_dataset(recipe, "val")
+    val_set = main_process_first(accelerator, lambda: build_dataset(recipe, "val"))
     model, loader = accelerator.prepare(opened.model, build_val_loader(recipe, val_set))
     out = Evaluator(model, loader, accelerator, recipe, val_set.category_ids)()
     if out.result is not None:

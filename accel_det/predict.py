@@ -21,8 +21,6 @@ from typing import Any
 
 from accel_det.errors import DataError, UsageError, run_cli
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
 
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
@@ -30,17 +28,18 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def collect_images(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
     """(image file, its path relative to what was given) for every input image, in a stable order."""
+    from accel_det.data.common import IMAGE_SUFFIXES, is_hidden
+
     out_abs = out.resolve()
     found: list[tuple[Path, Path]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                rel = f.relative_to(p)
-                if (any(part.startswith(".") for part in rel.parts) or f.suffix.lower() not in IMAGE_SUFFIXES
-                        or not f.is_file() or _inside(f.resolve(), out_abs)):
+                if (is_hidden(f, p) or f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file()
+                        or _inside(f.resolve(), out_abs)):
                     continue
-                found.append((f, rel))
+                found.append((f, f.relative_to(p)))
         elif p.is_file():
             found.append((p, Path(p.name)))
         else:
@@ -53,7 +52,7 @@ def collect_images(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
             seen.add(key)
             unique.append((f, rel))
     if not unique:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(inputs)}")
     return unique
 
 
@@ -87,12 +86,16 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
     from accel_det.engine.distributed import write_json_atomic
     from accel_det.engine.run import open_run
 
+    if not (math.isfinite(conf) and 0.0 <= conf <= 1.0):
+        raise UsageError(f"--conf {conf}: must be in [0, 1]")
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size {batch_size}: must be > 0")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     items = collect_images(inputs, out)
     opened = open_run(run_dir, checkpoint)
     if opened.weights.note:
-        print(f"note: {opened.weights.note}", file=sys.stderr)
+        print(f"note: {opened.weights.note}")
     recipe, model = opened.recipe, opened.model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -144,34 +147,14 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
     return results
 
 
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("images", nargs="+", help="image files or folders")
     parser.add_argument("--out", required=True, help="output folder: predictions.json + drawn PNGs")
     parser.add_argument("--checkpoint", default="best", help="best | last | checkpoint dir | weights file")
-    parser.add_argument("--conf", type=_unit_float, default=0.3, help="score threshold in [0, 1] for output "
-                        "and drawing")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    # ranges are checked in predict(): a bad value is one line like every other error, not argparse's usage
+    parser.add_argument("--conf", type=float, default=0.3, help="score threshold in [0, 1] for output and drawing")
+    parser.add_argument("--batch-size", type=int, default=8)
 
 
 def run(args: argparse.Namespace) -> int:

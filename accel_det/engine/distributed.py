@@ -17,21 +17,18 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-from accel_det.errors import LaunchError
+from accel_det.errors import AccelDetError, LaunchError, RecipeError, Stopped, world_size
+from accel_det.trackers import missing_tracker_packages
 
-
-def launcher_world_size() -> int:
-    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
+T = TypeVar("T")
 
 
 def build_accelerator(recipe: Any, run_dir: Path | None = None, trackers: list[str] | None = None) -> Accelerator:
@@ -61,7 +58,7 @@ def build_accelerator(recipe: Any, run_dir: Path | None = None, trackers: list[s
     )
     if not accelerator.is_main_process:
         _prefix_warnings(accelerator.process_index)
-    want = launcher_world_size()
+    want = world_size()
     if want > 1 and accelerator.num_processes != want:
         raise LaunchError(
             f"the launcher started {want} processes but the Accelerator joined {accelerator.num_processes}: "
@@ -195,10 +192,31 @@ def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Any:
     return handle
 
 
+def main_process_first(accelerator: Accelerator, build: Callable[[], T]) -> T:
+    """Collective: ``build()`` on the main process first (it generates or indexes data once for all), then on
+    the others. If it fails on the main process, every process raises the same one-line error, instead of the
+    others dying in a barrier with a backend traceback."""
+    if accelerator.num_processes == 1:
+        return build()
+    from accelerate.utils import broadcast_object_list
+
+    result, failure = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = build()
+        except Stopped:
+            raise  # a signal: the launcher stops the others
+        except AccelDetError as exc:
+            failure = [(type(exc), str(exc))]
+    broadcast_object_list(failure, from_process=0)
+    if failure[0] is not None:
+        kind, message = failure[0]
+        raise kind(message)
+    return result if accelerator.is_main_process else build()
+
+
 def check_trackers(trackers: list[str]) -> None:
     """Accelerate skips a tracker whose package is missing without a word: stop before training instead."""
-    from accel_det.trackers import missing_tracker_packages
-
     problems = missing_tracker_packages(trackers)
     if problems:
-        raise LaunchError(problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise RecipeError(problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))

@@ -50,11 +50,15 @@ class RunLog:
 
         self.print_renderable(metrics_table(result, title=title))
 
-    def error(self, msg: str) -> None:
-        """A fatal error into log.txt (stderr gets it from the CLI wrapper): the run dir says why it stopped."""
-        if self.main and self.log_path.parent.is_dir():
-            with self.log_path.open("a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+    def error(self, msg: str, local: bool = False) -> None:
+        """A fatal error into log.txt (stderr gets it from the CLI wrapper): the run dir says why it stopped.
+        ``local``: only this process hit it (a sample of its shard), so it writes even if it is not the main
+        process, tagged with its rank (short appends to one file from two processes do not interleave)."""
+        if not (self.main or local) or not self.log_path.parent.is_dir():
+            return
+        prefix = "" if self.main else f"[rank {self.accelerator.process_index}] "
+        with self.log_path.open("a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {prefix}{msg}\n")
 
     def event(self, record: dict[str, Any], step: int | None = None) -> None:
         """One JSON line in metrics.jsonl; scalar fields also go to the trackers (tensorboard, ...)."""
@@ -162,7 +166,7 @@ class TrainProgress:
         if self._bar is not None:
             self._bar.stop()
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, start_batch: int = 0) -> None:
         now = time.perf_counter()
         if self._t_epoch_end is not None:  # what the hooks took after the previous epoch
             self.clock.add_between(epoch, now - self._t_epoch_end)
@@ -170,9 +174,9 @@ class TrainProgress:
         if self._bar is not None:
             if self._task is not None:
                 self._bar.remove_task(self._task)
-            eta = format_seconds(self.clock.eta(epoch, 0))
+            eta = format_seconds(self.clock.eta(epoch, start_batch))
             self._task = self._bar.add_task(f"epoch {epoch + 1}/{self.max_epoch}", total=self.batches,
-                                            stats="", eta=eta)
+                                            completed=start_batch, stats="", eta=eta)
 
     def advance(self, batch: int) -> None:
         """Every batch: time it and move the bar (the numbers come with ``update`` every log_freq batches)."""

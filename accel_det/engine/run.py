@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from accel_det.config import Recipe, load_recipe
+from accel_det.config import Recipe, load_recipe, parse_override
 from accel_det.engine.checkpoint import check_same_model, is_complete, read_checkpoint_recipe, resolve_checkpoint
 from accel_det.errors import CheckpointError, UsageError, WeightsError
 
@@ -58,6 +58,14 @@ def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
     path = run_dir / "recipe.json"
     if not path.is_file():
         raise UsageError(f"{run_dir}: not a run dir (no recipe.json)")
+    saved = read_checkpoint_recipe(run_dir) or {}
+    trained = (saved.get("model") or {}).get("name")
+    for text in overrides:
+        keys, value = parse_override(text)
+        # before validation: the run's recipe.json holds the trained model's resolved anchors, which would
+        # fail against another model and hide what is really asked
+        if keys == ["model", "name"] and value != trained:
+            raise CheckpointError(f"{run_dir}: the run holds model {trained!r}, the override asks for {value!r}")
     return load_recipe(path, [*overrides, "model.weights=''"])
 
 
@@ -87,15 +95,22 @@ def resolve_weights(run_dir: Path, spec: str) -> Weights:
     if path.is_dir():
         if not is_complete(path):
             raise CheckpointError(f"{path}: not a complete checkpoint (no trainer_state.json)")
-        return _in_checkpoint(path, path.name)
+        return _in_checkpoint(path, _checkpoint_tag(run_dir, path))
     if path.is_file():
         if is_complete(path.parent) and path.name in WEIGHT_FILES:
-            return Weights(path, path.parent.name, path.parent)
+            return Weights(path, _checkpoint_tag(run_dir, path.parent), path.parent)
         if path.resolve() == (run_dir / "model.safetensors").resolve():
             return Weights(path, "final")
         return Weights(path, f"{path.stem}-{_short_hash(str(path.resolve()))}")
     raise UsageError(f"--checkpoint {spec}: no such file or checkpoint (use best, last, a checkpoint dir or a "
                      "weights file)")
+
+
+def _checkpoint_tag(run_dir: Path, ckpt: Path) -> str:
+    """A checkpoint's name; one of another run also gets a hash of its path (its epoch_0002 is not ours)."""
+    if ckpt.resolve().parent == (run_dir / "checkpoints").resolve():
+        return ckpt.name
+    return f"{ckpt.name}-{_short_hash(str(ckpt.resolve()))}"
 
 
 def _resolved(run_dir: Path, keyword: str) -> Path:

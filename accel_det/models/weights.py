@@ -58,7 +58,9 @@ def _is_safetensors(path: Path) -> bool:
     # safetensors: an 8-byte little-endian header length, then the JSON header
     if len(head) == 9 and head[8:] == b"{":
         return True
-    return path.suffix == ".safetensors"
+    if path.suffix != ".safetensors":  # neither format's signature: say so rather than torch's parse error
+        raise WeightsError(f"{path}: not a readable torch/safetensors weights file (unrecognised content)")
+    return True
 
 
 def _read_error(path: Path, exc: Exception) -> WeightsError:
@@ -104,6 +106,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 # a file object, not the path: recent torch.load hands any *.safetensors path to safetensors
                 with p.open("rb") as f:
                     sd = torch.load(f, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
     except Exception as exc:  # corrupt/truncated files raise many different types; name the file
         raise _read_error(p, exc) from None
     for key in ("model", "state_dict", "model_state_dict"):
