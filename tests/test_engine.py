@@ -14,9 +14,10 @@ from tiny_run import tiny_overrides
 from torch import nn
 
 from accel_det.config import load_recipe
-from accel_det.engine.checkpoint import Checkpointer
+from accel_det.engine.checkpoint import Checkpointer, checkpoint_name, resolve_checkpoint
 from accel_det.engine.distributed import build_accelerator
 from accel_det.engine.hooks import Hook, TrainState
+from accel_det.engine.preempt import StopRequest
 from accel_det.engine.progress import RunClock, RunLog, TrainProgress
 from accel_det.engine.setup import Run
 from accel_det.engine.trainer import train_one_epoch, train_step
@@ -64,8 +65,8 @@ def _toy_run(tmp_path: Path, overrides: list[str], batches: torch.Tensor) -> tup
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     log = RunLog(accelerator, tmp_path)
     hook = _Steps(model)
-    run = Run(recipe, accelerator, tmp_path, log, model, optimizer, scheduler, loader, None, TrainState(),
-              steps_per_epoch=0, eval_due=lambda e: False, hooks=[hook])
+    run = Run(recipe, accelerator, tmp_path, log, model, optimizer, scheduler, None, loader, None, TrainState(),
+              eval_due=lambda e: False, hooks=[hook])
     return run, hook
 
 
@@ -73,7 +74,8 @@ def _one_epoch(run: Run) -> None:
     clock = RunClock(1, len(run.train_loader), run.eval_due, 0)
     with TrainProgress(run.log, clock, run.recipe.train.log_freq) as progress:
         progress.start_epoch(0)
-        train_one_epoch(run, 0, progress)
+        with StopRequest(run.accelerator) as stop:
+            train_one_epoch(run, 0, progress, stop)
 
 
 def test_accumulation_tail_averages_over_the_batches_it_saw(tmp_path: Path) -> None:
@@ -118,7 +120,7 @@ def test_bf16_autocast_on_cpu_keeps_native_losses_fp32() -> None:
 def test_keep_last_prunes_but_never_best_or_last(tmp_path: Path) -> None:
     recipe = load_recipe(None, [])
     accelerator = build_accelerator(recipe)
-    model = accelerator.prepare(nn.Linear(2, 2))
+    accelerator.prepare(nn.Linear(2, 2))
     ckpt = Checkpointer(accelerator, tmp_path, keep_last=1)
     root = tmp_path / "checkpoints"
 
@@ -128,15 +130,55 @@ def test_keep_last_prunes_but_never_best_or_last(tmp_path: Path) -> None:
     def pointer(name: str) -> str:
         return (root / name).read_text().strip()
 
-    ckpt.save(1, TrainState(epoch=1).to_dict(), is_best=True)
-    ckpt.save(2, TrainState(epoch=2).to_dict(), is_best=False)
+    def save(epoch: int, step: int = 0, mid: bool = False, best: bool = False) -> None:
+        name = checkpoint_name(epoch, step, mid_epoch=mid)
+        ckpt.save(name, TrainState(epoch=epoch, global_step=step).to_dict(), is_best=best)
+
+    save(1, best=True)
+    save(2)
     assert saved() == ["epoch_0001", "epoch_0002"] and pointer("best") == "epoch_0001"
-    ckpt.save(3, TrainState(epoch=3).to_dict(), is_best=False)
+    save(2, step=7, mid=True)  # inside epoch 3
+    assert saved() == ["epoch_0001", "epoch_0002", "epoch_0002_step_00000007"]
+    assert pointer("last") == "epoch_0002_step_00000007"
+    save(2, step=8, mid=True)  # a newer mid-epoch checkpoint replaces the older one
+    assert saved() == ["epoch_0001", "epoch_0002", "epoch_0002_step_00000008"]
+    save(3)  # and an epoch checkpoint replaces it; keep_last = 1 keeps best and last only
     assert saved() == ["epoch_0001", "epoch_0003"] and pointer("last") == "epoch_0003"
-    ckpt.save(4, TrainState(epoch=4).to_dict(), is_best=True)
-    assert saved() == ["epoch_0004"] and pointer("best") == pointer("last") == "epoch_0004"
-    assert not list(root.glob(".*.tmp"))
-    del model
+    ckpt.update("epoch_0003", {"best_metric": 0.5}, is_best=True)
+    assert saved() == ["epoch_0003"] and pointer("best") == pointer("last") == "epoch_0003"
+    assert json.loads((root / "epoch_0003" / "trainer_state.json").read_text())["best_metric"] == 0.5
+    save(3)  # a re-save of an existing name replaces it whole
+    assert saved() == ["epoch_0003"] and not list(root.glob(".*"))
+
+
+def test_resuming_an_older_checkpoint_sets_newer_ones_aside_and_best_follows(tmp_path: Path) -> None:
+    recipe = load_recipe(None, [])
+    accelerator = build_accelerator(recipe)
+    accelerator.prepare(nn.Linear(2, 2))
+    ckpt = Checkpointer(accelerator, tmp_path, keep_last=0)
+    root = tmp_path / "checkpoints"
+    for epoch in (1, 2, 3):
+        ckpt.save(checkpoint_name(epoch), TrainState(epoch=epoch).to_dict(), is_best=epoch == 2)
+    # resuming from epoch 1, whose history's best was epoch 1: epoch 2's "best" belongs to an abandoned past
+    assert ckpt.rewind(root / "epoch_0001", best_epoch=1) == ["epoch_0002", "epoch_0003"]
+    assert sorted(p.name for p in root.glob("epoch_*")) == ["epoch_0001"]
+    assert sorted(p.name for p in root.glob(".abandoned-*/*")) == ["epoch_0002", "epoch_0003"]
+    assert (root / "last").read_text().strip() == (root / "best").read_text().strip() == "epoch_0001"
+    assert ckpt.rewind(root / "epoch_0001", best_epoch=None) == []  # the newest already: nothing to do
+
+
+def test_resolve_falls_back_to_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for name in ("epoch_0001", "epoch_0002"):
+        (root / name).mkdir(parents=True)
+        (root / name / "trainer_state.json").write_text("{}")
+    (root / "last").write_text("epoch_0003\n")  # a crash between the renames of epoch 3's save
+    notes: list[str] = []
+    assert resolve_checkpoint(tmp_path, "auto", notes) == root / "epoch_0002"
+    assert "not a complete checkpoint" in notes[0]
+    (root / "last").unlink()  # killed before the first pointer was written
+    assert resolve_checkpoint(tmp_path, "auto") == root / "epoch_0002"
+    assert resolve_checkpoint(tmp_path / "elsewhere", "auto") is None
 
 
 def test_postprocess_on_hand_made_priors() -> None:

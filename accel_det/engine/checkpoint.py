@@ -1,12 +1,21 @@
-"""Checkpoints: ``accelerator.save_state`` on every process into a temp dir, renamed into place when whole.
+"""Checkpoints that are never half-written: ``accelerator.save_state`` on every process into a temp dir,
+renamed into place when whole, pointers moved only to complete checkpoints.
 
 Layout under the run dir::
 
-    checkpoints/epoch_0010/      accelerate state (model, optimizer, scheduler, RNG of every process)
-                                 + trainer_state.json (written last: its presence marks a complete checkpoint)
-    checkpoints/last, best       one-line text files naming an epoch dir (pointers, no symlinks)
+    checkpoints/epoch_0010/                   10 epochs done
+    checkpoints/epoch_0010_step_00001234/     inside epoch 11, after optimizer step 1234 (output.checkpoint_every_steps
+                                              or a SIGTERM); names sort in the order they were taken
+        accelerate's files (model, optimizer, scaler, RNG of every process), recipe.json, and
+        trainer_state.json, written last: its presence marks a complete checkpoint
+    checkpoints/last, best                    one-line pointer files naming a checkpoint dir (no symlinks)
 
-A process killed mid-save leaves only ``.epoch_NNNN.tmp``, which is never read and is cleared next time.
+Save protocol (a collective): every process writes ``.NAME.tmp``; the main process adds recipe.json and
+trainer_state.json, fsyncs every file, moves an older ``NAME`` (a re-save after resuming from an earlier
+checkpoint) aside to ``.NAME.old-*``, renames the temp dir to ``NAME``, fsyncs the folder, and only then
+moves the pointers. A crash leaves the old or the new complete ``NAME`` — or, between the two renames, none,
+in which case ``resolve_checkpoint`` falls back to the newest complete checkpoint. Hidden ``.*`` dirs are
+never read and are cleared by the next save.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +34,11 @@ from accel_det.engine.distributed import write_json_atomic
 from accel_det.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
+MID_EPOCH = "_step_"
 
 
-def epoch_dir_name(epoch: int) -> str:
-    return f"epoch_{epoch:04d}"
+def checkpoint_name(epochs_done: int, global_step: int = 0, mid_epoch: bool = False) -> str:
+    return f"epoch_{epochs_done:04d}{MID_EPOCH}{global_step:08d}" if mid_epoch else f"epoch_{epochs_done:04d}"
 
 
 def _write_pointer(path: Path, target: str) -> None:
@@ -35,20 +47,52 @@ def _write_pointer(path: Path, target: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory; the files themselves were synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Data on disk before the rename publishes it: after a power loss a renamed dir must not hold empty files."""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        _fsync(file)
+    _fsync(path)
+
+
 def is_complete(path: Path) -> bool:
     return (path / STATE_FILE).is_file()
 
 
-def resolve_checkpoint(run_dir: Path, spec: str) -> Path | None:
-    """``spec``: 'last' / 'best' (pointers in the run dir), or a path to a checkpoint dir."""
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("epoch_*") if p.is_dir() and is_complete(p))
+
+
+def resolve_checkpoint(run_dir: Path, spec: str, notes: list[str] | None = None) -> Path | None:
+    """``spec``: 'auto' (None when there is none) / 'last' / 'best' (pointers in the run dir), or a path to a
+    checkpoint dir. A ``last`` pointer whose checkpoint is missing or partial (a crash between the renames of a
+    save) falls back to the newest complete checkpoint, saying so in ``notes``."""
     root = run_dir / "checkpoints"
     if spec in ("last", "best", "auto"):
         pointer = root / ("last" if spec == "auto" else spec)
-        if not pointer.is_file():
-            if spec == "auto":
+        path = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+        if spec != "best" and (path is None or not is_complete(path)):
+            found = complete_checkpoints(root)
+            if found:
+                if notes is not None and path is not None:
+                    notes.append(f"{path} is not a complete checkpoint; using the newest complete one, {found[-1]}")
+                return found[-1]
+            if spec == "auto" and path is None:
                 return None
+        if path is None:
             raise CheckpointError(f"{pointer}: no '{spec}' checkpoint in {run_dir}")
-        path = root / pointer.read_text(encoding="utf-8").strip()
     else:
         path = Path(spec)
     if not is_complete(path):
@@ -120,11 +164,10 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self.keep_last = keep_last
 
-    def save(self, epoch: int, trainer_state: dict[str, Any], is_best: bool,
+    def save(self, name: str, trainer_state: dict[str, Any], is_best: bool = False,
              recipe: dict[str, Any] | None = None) -> Path:
         """Collective: every process must call it (save_state writes each process's RNG state)."""
         acc = self.accelerator
-        name = epoch_dir_name(epoch)
         final, tmp = self.root / name, self.root / f".{name}.tmp"
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -136,29 +179,75 @@ class Checkpointer:
             if recipe is not None:  # each checkpoint says what model it holds, whatever the run dir says later
                 write_json_atomic(tmp / "recipe.json", recipe)
             write_json_atomic(tmp / STATE_FILE, trainer_state)
+            _fsync_tree(tmp)
+            old = None
             if final.exists():
-                shutil.rmtree(final)
+                old = self.root / f".{name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(final, old)
             os.replace(tmp, final)
+            _fsync(self.root)
             _write_pointer(self.root / "last", name)
             if is_best:
                 _write_pointer(self.root / "best", name)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             self._prune()
         acc.wait_for_everyone()
         return final
 
-    def _prune(self) -> None:
-        if self.keep_last <= 0:
+    def update(self, name: str, fields: dict[str, Any], is_best: bool) -> None:
+        """After an evaluation: record its outcome in checkpoint ``name`` (saved before it ran, so a failing
+        evaluation loses nothing) and point ``best`` at it if it is. Main process only; any may call."""
+        path = self.root / name
+        if not self.accelerator.is_main_process or not is_complete(path):
             return
+        write_json_atomic(path / STATE_FILE, {**read_trainer_state(path), **fields})
+        if is_best:
+            _write_pointer(self.root / "best", name)
+        self._prune()
+
+    def rewind(self, resume: Path, best_epoch: int | None) -> list[str]:
+        """Collective. Resuming from a checkpoint older than the newest one: the newer ones belong to a timeline
+        this run abandons. Move them aside to ``checkpoints/.abandoned-<time>/`` (kept for the user, never
+        read), point ``last`` at the resume point and ``best`` at the checkpoint of ``best_epoch`` (or
+        nowhere): otherwise ``best`` would name a checkpoint that the new timeline overwrites with other
+        weights. Returns the names moved aside."""
+        moved: list[str] = []
+        if self.accelerator.is_main_process and resume.parent.resolve() == self.root.resolve():
+            newer = [p for p in complete_checkpoints(self.root) if p.name > resume.name]
+            if newer:
+                aside = self.root / f".abandoned-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+                aside.mkdir()
+                for path in newer:
+                    os.replace(path, aside / path.name)
+                    moved.append(path.name)
+                _write_pointer(self.root / "last", resume.name)
+                best = checkpoint_name(best_epoch) if best_epoch else None
+                if best is not None and is_complete(self.root / best):
+                    _write_pointer(self.root / "best", best)
+                else:
+                    (self.root / "best").unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+        return moved
+
+    def _prune(self) -> None:
+        """Mid-epoch checkpoints exist for preemption: each goes once a newer checkpoint exists. Of the epoch
+        checkpoints the newest ``keep_last`` stay. What ``last`` and ``best`` point to always stays."""
         keep = set()
         for ptr in ("last", "best"):
             p = self.root / ptr
             if p.is_file():
                 keep.add(p.read_text(encoding="utf-8").strip())
-        epochs = sorted(p.name for p in self.root.glob("epoch_*") if p.is_dir())
-        keep.update(epochs[-self.keep_last:])
-        for name in epochs:
+        found = [p.name for p in complete_checkpoints(self.root)]
+        epochs = [n for n in found if MID_EPOCH not in n]
+        keep.update(found[-1:])
+        keep.update(epochs if self.keep_last <= 0 else epochs[-self.keep_last:])
+        for name in found:
             if name not in keep:
                 shutil.rmtree(self.root / name, ignore_errors=True)
+        # what a crash left: temp dirs of saves that did not finish, old copies between the two renames
+        for leftover in [*self.root.glob(".epoch_*.tmp"), *self.root.glob(".epoch_*.old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def load(self, path: Path) -> dict[str, Any]:
         state = read_trainer_state(path)

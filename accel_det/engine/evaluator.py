@@ -38,6 +38,9 @@ def predict_records(model: nn.Module, loader: Any, accelerator: Accelerator) -> 
         in_h, in_w = x.shape[-2:]
         batch = []
         for out, tgt in zip(outputs, targets):
+            if tgt.get("unreadable"):  # a val image that could not be read: left out of the metric, counted
+                batch.append({"image_id": int(tgt["image_id"]), "unreadable": True})
+                continue
             h, w = (int(v) for v in tgt["orig_size"].tolist())
             # undo the eval resize: scores are computed in original-image pixels
             scale = torch.tensor([w / in_w, h / in_h, w / in_w, h / in_h], device=out["boxes"].device)
@@ -70,6 +73,8 @@ def evaluate(
         for buf in model.buffers():
             torch.distributed.broadcast(buf.data, src=0)
     records = predict_records(model, loader, accelerator)
+    unreadable = sum(1 for r in records if r.get("unreadable"))
+    records = [r for r in records if not r.get("unreadable")]
     result, error = None, ""
     if accelerator.is_main_process:
         try:
@@ -82,6 +87,9 @@ def evaluate(
             )
         except ValueError as exc:  # bad records: every process must learn it, not wait at the broadcast
             error = f"evaluation failed: {exc}"
+        else:
+            if unreadable:
+                result["num_unreadable"] = unreadable
     message = [float(result[result["headline"]]) if result else float("nan"), error]
     broadcast_object_list(message, from_process=0)
     value, error = message

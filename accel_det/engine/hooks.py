@@ -8,15 +8,17 @@ run on all; only file writes, printing and COCOeval are main-process-only (docs/
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 from torch import nn
 
-from accel_det.engine.checkpoint import Checkpointer
+from accel_det.engine.checkpoint import Checkpointer, checkpoint_name
 from accel_det.engine.distributed import write_json_atomic
 from accel_det.engine.evaluator import Evaluator
 from accel_det.engine.progress import RunLog
@@ -27,19 +29,28 @@ class TrainState:
     """Where the run is; saved in every checkpoint's trainer_state.json."""
 
     epoch: int = 0  # completed epochs
-    global_step: int = 0  # optimizer steps of one process
+    global_step: int = 0  # optimizer steps taken (of one process): monotonic, what logs and trackers use
+    schedule_step: int = 0  # position in the LR schedule: re-expressed when a resume changes the epoch length
+    batch_in_epoch: int = 0  # batches of the current epoch done (0 at an epoch end)
     best_metric: float | None = None
     best_epoch: int | None = None
     last_metric: float | None = None
     last_is_best: bool = False
+    # the current epoch's losses so far (already reduced over processes): a mid-epoch resume continues them
+    epoch_loss_sums: dict[str, float] = field(default_factory=dict)
+    epoch_loss_count: int = 0
 
     def to_dict(self, **extra: Any) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "global_step": self.global_step,
-            "batch_in_epoch": 0,  # checkpoints are taken at epoch ends
+            "schedule_step": self.schedule_step,
+            "batch_in_epoch": self.batch_in_epoch,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "last_metric": self.last_metric,
+            "epoch_loss_sums": self.epoch_loss_sums,
+            "epoch_loss_count": self.epoch_loss_count,
             **extra,
         }
 
@@ -100,27 +111,62 @@ class EvalHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """``save_state`` every ``output.checkpoint_freq`` epochs, at the end, and whenever eval found a new best.
+    """Saves every ``output.checkpoint_freq`` epochs, after the last, before every evaluation that may find a
+    new best (the checkpoint is written before the evaluation runs, so a failing evaluation loses nothing),
+    and every ``output.checkpoint_every_steps`` optimizer steps inside an epoch. ``save(state)`` is also what
+    the loop calls when a signal stops it. ``extra_state`` adds what the loop knows beyond ``TrainState``."""
 
-    ``extra_state`` adds what the loop knows beyond ``TrainState`` (LR, process count, epoch length)."""
-
-    def __init__(self, checkpointer: Checkpointer, output_cfg: Any, max_epoch: int, recipe_json: dict[str, Any],
+    def __init__(self, checkpointer: Checkpointer, output_cfg: Any, max_epoch: int, batches_per_epoch: int,
+                 eval_due: Callable[[int], bool], recipe_json: dict[str, Any],
                  extra_state: Callable[[], dict[str, Any]], log: RunLog) -> None:
         self.checkpointer = checkpointer
         self.cfg = output_cfg
         self.max_epoch = max_epoch
+        self.batches_per_epoch = batches_per_epoch
+        self.eval_due = eval_due
         self.recipe_json = recipe_json
         self.extra_state = extra_state
         self.log = log
+        self.saved_at: tuple[int, int] | None = None  # (epoch, batch) of the newest save
+
+    def save(self, state: TrainState) -> Path:
+        """Collective. A checkpoint of exactly where ``state`` is (mid-epoch when batch_in_epoch > 0)."""
+        mid = state.batch_in_epoch > 0
+        name = checkpoint_name(state.epoch, state.global_step, mid_epoch=mid)
+        if self.saved_at == (state.epoch, state.batch_in_epoch):
+            return self.checkpointer.root / name
+        path = self.checkpointer.save(name, state.to_dict(**self.extra_state()), recipe=self.recipe_json)
+        self.saved_at = (state.epoch, state.batch_in_epoch)
+        self.log.info(f"checkpoint: {path}")
+        return path
+
+    def after_step(self, state: TrainState) -> None:
+        every = self.cfg.checkpoint_every_steps
+        # the epoch's last batch is followed by the epoch-end checkpoint decision instead
+        if every and state.global_step % every == 0 and state.batch_in_epoch < self.batches_per_epoch:
+            self.save(state)
 
     def after_epoch(self, state: TrainState) -> None:
         periodic = self.cfg.checkpoint_freq > 0 and state.epoch % self.cfg.checkpoint_freq == 0
-        best = self.cfg.save_best and state.last_is_best
-        if periodic or best or state.epoch >= self.max_epoch:
-            trainer_state = state.to_dict(last_metric=state.last_metric, **self.extra_state())
-            # each checkpoint says what model it holds, whatever the run dir's recipe.json says later
-            path = self.checkpointer.save(state.epoch, trainer_state, is_best=best, recipe=self.recipe_json)
-            self.log.info(f"checkpoint: {path}" + (" (best)" if best else ""))
+        may_be_best = self.cfg.save_best and self.eval_due(state.epoch)
+        if periodic or may_be_best or state.epoch >= self.max_epoch:
+            self.save(state)
+
+
+class BestCheckpointHook(Hook):
+    """After an evaluation (runs after ``EvalHook``): records its outcome in the epoch's checkpoint and points
+    ``best`` at it when it is the best so far."""
+
+    def __init__(self, checkpointer: Checkpointer, save_best: bool, eval_due: Callable[[int], bool]) -> None:
+        self.checkpointer = checkpointer
+        self.save_best = save_best
+        self.eval_due = eval_due
+
+    def after_epoch(self, state: TrainState) -> None:
+        if not self.eval_due(state.epoch):
+            return
+        fields = {"best_metric": state.best_metric, "best_epoch": state.best_epoch, "last_metric": state.last_metric}
+        self.checkpointer.update(checkpoint_name(state.epoch), fields, is_best=self.save_best and state.last_is_best)
 
 
 class FinalWeightsHook(Hook):
@@ -132,5 +178,12 @@ class FinalWeightsHook(Hook):
         self.run_dir = run_dir
 
     def after_train(self, state: TrainState) -> None:
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_model(self.model, str(self.run_dir), safe_serialization=True)
+        # into a temp dir, then renamed over the old file: a reader never sees half a model.safetensors
+        acc, tmp = self.accelerator, self.run_dir / ".final.tmp"
+        acc.wait_for_everyone()
+        acc.save_model(self.model, str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            for file in tmp.iterdir():  # model.safetensors (or its shards and index, for a huge model)
+                os.replace(file, self.run_dir / file.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()

@@ -34,12 +34,20 @@ from accel_det.engine.distributed import (
     check_trackers,
     environment,
     lock_run_dir,
+    main_process_first,
     write_json_atomic,
 )
 from accel_det.engine.evaluator import Evaluator
-from accel_det.engine.hooks import CheckpointHook, EvalHook, FinalWeightsHook, Hook, TrainState
+from accel_det.engine.hooks import (
+    BestCheckpointHook,
+    CheckpointHook,
+    EvalHook,
+    FinalWeightsHook,
+    Hook,
+    TrainState,
+)
 from accel_det.engine.progress import RunLog
-from accel_det.errors import CheckpointError, DataError
+from accel_det.errors import CheckpointError, DataError, describe
 from accel_det.models import build_model
 from accel_det.optim import build_optimizer, build_scheduler, jump_to_step
 
@@ -55,12 +63,13 @@ class Run:
     model: nn.Module  # prepared (DDP-wrapped with several processes)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_set: DetectionDataset
     train_loader: Any
     val_loader: Any
     state: TrainState
-    steps_per_epoch: int
     eval_due: Callable[[int], bool]  # epoch (1-based, completed) -> does an evaluation follow it
     hooks: list[Hook] = field(default_factory=list)
+    checkpoint: CheckpointHook | None = None  # also saves where a signal stopped the loop
     lock: Any = None
 
     def lr(self) -> float:
@@ -95,16 +104,18 @@ def setup(recipe: Recipe, hooks: Sequence[Hook] = ()) -> Run | None:
     run_dir = recipe.run_dir()
     accelerator = build_accelerator(recipe, run_dir, trackers=recipe.log.trackers)
     lock = lock_run_dir(accelerator, run_dir)
+    log = RunLog(accelerator, run_dir)
     try:
-        return _setup(recipe, accelerator, run_dir, lock, hooks)
-    except BaseException:
+        return _setup(recipe, accelerator, run_dir, log, lock, hooks)
+    except BaseException as exc:
+        log.error(f"could not start: {describe(exc)}", local=getattr(exc, "local", False))
         if lock is not None:
             lock.close()
         raise
 
 
-def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, lock: Any, hooks: Sequence[Hook]) -> Run | None:
-    log = RunLog(accelerator, run_dir)
+def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog, lock: Any,
+           hooks: Sequence[Hook]) -> Run | None:
     resume = _setup_resume_point(recipe, run_dir)
     if resume is not None and resume.epoch >= recipe.train.max_epoch:
         _say_finished(accelerator, run_dir, resume, recipe.train.max_epoch)
@@ -124,8 +135,9 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, lock: Any, h
             f"of data.batch_size = {recipe.data.batch_size} per process x {accelerator.num_processes} "
             "process(es); lower data.batch_size"
         )
-    # Same seed everywhere up to here (same init, same shuffle via data_seed); from now on each process draws
-    # its own augmentations (num_workers=0 uses these RNGs; workers mix in the rank in seed_worker).
+    # Same seed everywhere up to here: the same initial weights on every process. Augmentations do not use
+    # these generators (each sample draws from its own, seeded by seed, epoch and index: data/dataset.py);
+    # anything else random after this point differs per process, as DDP expects.
     set_seed(recipe.train.seed, device_specific=True)
     steps_per_epoch = math.ceil(len(train_loader) / recipe.train.accumulation_freq)
     # Not passed to prepare(): its wrapper would step num_processes times per optimizer step. Not saved in
@@ -133,8 +145,14 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, lock: Any, h
     scheduler = build_scheduler(optimizer, recipe.scheduler, steps_per_epoch, recipe.train.max_epoch)
     checkpointer = Checkpointer(accelerator, run_dir, recipe.output.keep_last)
     state = TrainState()
+    where_now = {"num_processes": accelerator.num_processes, "batch_size": recipe.data.batch_size,
+                 "accumulation_freq": recipe.train.accumulation_freq, "steps_per_epoch": steps_per_epoch}
     if resume is not None:
-        _resume(checkpointer, resume, state, steps_per_epoch, scheduler, log)
+        _resume(checkpointer, resume, state, where_now, scheduler, log)
+    elif (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size:
+        # killed before its first checkpoint: the history so far belongs to a run that starts over
+        log.info("restart: this run dir has history but no checkpoint; training starts from scratch")
+        log.event({"event": "restart", "epoch": 0, "step": 0})
     # written only now: a resume that fails (another model, a corrupt checkpoint) must not replace the
     # recipe of the run it refused to touch
     if accelerator.is_main_process:
@@ -149,20 +167,21 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, lock: Any, h
         f"mixed precision {accelerator.mixed_precision} | batch {recipe.data.batch_size}/process, "
         f"effective {effective} | {steps_per_epoch} optimizer steps/epoch"
     )
-    run = Run(recipe, accelerator, run_dir, log, model, optimizer, scheduler, train_loader, val_loader, state,
-              steps_per_epoch, eval_due=lambda epoch: False, lock=lock)
     eval_hook = EvalHook(Evaluator(model, val_loader, accelerator, recipe, val_set.category_ids), recipe.eval,
                          recipe.train.max_epoch, run_dir, log)
-    run.eval_due = eval_hook.due
-    extra_state = {"num_processes": accelerator.num_processes, "steps_per_epoch": steps_per_epoch}
-    run.hooks = [
+    checkpoint = CheckpointHook(checkpointer, recipe.output, recipe.train.max_epoch, len(train_loader),
+                                eval_hook.due, recipe.model_dump(mode="json"),
+                                lambda: {"lr": float(optimizer.param_groups[0]["lr"]), **where_now}, log)
+    # the epoch's checkpoint is written before its evaluation: a failing evaluation loses nothing
+    all_hooks = [
+        checkpoint,
         eval_hook,
-        CheckpointHook(checkpointer, recipe.output, recipe.train.max_epoch, recipe.model_dump(mode="json"),
-                       lambda: {"lr": run.lr(), **extra_state}, log),
+        BestCheckpointHook(checkpointer, recipe.output.save_best, eval_hook.due),
         FinalWeightsHook(accelerator, model, run_dir),
         *hooks,
     ]
-    return run
+    return Run(recipe, accelerator, run_dir, log, model, optimizer, scheduler, train_set, train_loader, val_loader,
+               state, eval_hook.due, all_hooks, checkpoint, lock)
 
 
 def _setup_resume_point(recipe: Recipe, run_dir: Path) -> ResumePoint | None:
@@ -199,8 +218,8 @@ def _count(ds: DetectionDataset) -> str:
 
 def _setup_data(recipe: Recipe, accelerator: Accelerator, log: RunLog) -> tuple[DetectionDataset, DetectionDataset]:
     # the main process generates/indexes data first (synthetic data is written once, not N times)
-    with accelerator.main_process_first():
-        train_set, val_set = build_dataset(recipe, "train"), build_dataset(recipe, "val")
+    train_set, val_set = main_process_first(
+        accelerator, lambda: (build_dataset(recipe, "train"), build_dataset(recipe, "val")))
     data = recipe.data
     log.info(f"data: train {_count(train_set)}, val {_count(val_set)}")
     for message in (*getattr(train_set, "warnings", ()), *getattr(val_set, "warnings", ())):
@@ -220,21 +239,36 @@ def _setup_model(recipe: Recipe, log: RunLog) -> nn.Module:
     return model
 
 
-def _resume(checkpointer: Checkpointer, resume: ResumePoint, state: TrainState, steps_per_epoch: int,
+def _resume(checkpointer: Checkpointer, resume: ResumePoint, state: TrainState, now: dict[str, int],
             scheduler: Any, log: RunLog) -> None:
     saved = checkpointer.load(resume.path)
+    moved = checkpointer.rewind(resume.path, saved.get("best_epoch"))
+    if moved:
+        log.info(f"note: resuming from {resume.path.name}, an older checkpoint than {', '.join(moved)}: those "
+                 f"were moved to {checkpointer.root}/.abandoned-*/ and 'best' follows the resumed history")
     state.epoch, state.global_step = int(saved["epoch"]), int(saved["global_step"])
-    if saved.get("steps_per_epoch") not in (None, steps_per_epoch):
-        # Another process count, batch size or accumulation: the schedule is defined in epochs, and the
-        # checkpoint sits at an epoch end, so re-express the position in the new epoch length.
-        log.info(f"note: epochs had {saved['steps_per_epoch']} optimizer steps, now {steps_per_epoch}; "
-                 f"continuing the schedule at epoch {state.epoch}")
-        state.global_step = state.epoch * steps_per_epoch
+    state.schedule_step = int(saved.get("schedule_step", state.global_step))
+    state.batch_in_epoch = int(saved.get("batch_in_epoch", 0))
+    state.epoch_loss_sums = dict(saved.get("epoch_loss_sums") or {})
+    state.epoch_loss_count = int(saved.get("epoch_loss_count", 0))
     state.best_metric, state.best_epoch = saved.get("best_metric"), saved.get("best_epoch")
-    jump_to_step(scheduler, state.global_step)
-    log.info(f"resumed from {resume.path} (epoch {state.epoch}, step {state.global_step})")
+    state.last_metric = saved.get("last_metric")
+    changed = [k for k, v in now.items() if saved.get(k, v) != v]
+    if changed:
+        # Another process count, batch size or accumulation. The schedule is defined in epochs: re-express the
+        # position in the new epoch length (global_step, the count of steps taken, goes on as it was). Batches
+        # of a mid-epoch checkpoint are batches of the old layout: that epoch starts again from its start.
+        olds = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed)
+        again = f"; epoch {state.epoch + 1} restarts from its first batch" if state.batch_in_epoch else ""
+        log.info(f"note: {olds}: continuing the schedule at epoch {state.epoch}{again}")
+        state.batch_in_epoch, state.epoch_loss_sums, state.epoch_loss_count = 0, {}, 0
+        state.schedule_step = state.epoch * now["steps_per_epoch"]
+    jump_to_step(scheduler, state.schedule_step)
+    at = f"epoch {state.epoch}" + (f" + {state.batch_in_epoch} batches" if state.batch_in_epoch else "")
+    log.info(f"resumed from {resume.path} ({at}, step {state.global_step})")
     # metrics.jsonl may hold events past this checkpoint (a run killed mid-epoch): mark where we resumed
-    log.event({"event": "resume", "epoch": state.epoch, "step": state.global_step, "from": str(resume.path)})
+    log.event({"event": "resume", "epoch": state.epoch, "batch": state.batch_in_epoch, "step": state.global_step,
+               "from": str(resume.path)})
 
 
 def _flat_config(recipe: Recipe) -> dict[str, Any]:

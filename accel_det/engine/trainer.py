@@ -14,19 +14,22 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 
 from accel_det.config import Recipe
 from accel_det.engine.evaluator import to_float_images
 from accel_det.engine.hooks import Hook, TrainState
+from accel_det.engine.preempt import StopRequest, terminate_raises
 from accel_det.engine.progress import RunClock, TrainProgress
 from accel_det.engine.setup import Run, setup
-from accel_det.errors import AccelDetError, TrainingError
+from accel_det.errors import TrainingError, describe
 
 
 def run_training(recipe: Recipe, hooks: Sequence[Hook] = ()) -> TrainState | None:
     """Set up and train; ``None`` when the run dir already holds a finished run."""
-    run = setup(recipe, hooks)
+    with terminate_raises():
+        run = setup(recipe, hooks)
     return None if run is None else train(run)
 
 
@@ -36,30 +39,40 @@ def train(run: Run) -> TrainState:
     clock = RunClock(max_epoch, len(run.train_loader), run.eval_due, len(run.val_loader))
     success, where = False, f"in epoch {state.epoch + 1}/{max_epoch}"
     try:
-        for hook in run.hooks:
-            hook.before_train(state)
-        run.model.train()
-        with TrainProgress(log, clock, recipe.train.log_freq) as progress:
-            for epoch in range(state.epoch, max_epoch):
-                run.train_loader.set_epoch(epoch)
-                where = f"in epoch {epoch + 1}/{max_epoch}"
-                progress.start_epoch(epoch)
-                t0 = time.perf_counter()
-                means, img_per_s = train_one_epoch(run, epoch, progress)
-                seconds = time.perf_counter() - t0
-                state.epoch = epoch + 1
-                progress.end_epoch(epoch, means, run.lr(), img_per_s, seconds)
-                log.event({"event": "epoch", "epoch": state.epoch, "step": state.global_step,
-                           "seconds": round(seconds, 3), "lr": run.lr(), **means, "img_per_s": round(img_per_s, 2)})
-                where = f"after epoch {state.epoch}/{max_epoch} (evaluation, checkpoint)"
-                for hook in run.hooks:
-                    hook.after_epoch(state)
-        for hook in run.hooks:
-            hook.after_train(state)
+        with StopRequest(run.accelerator) as stop:
+            for hook in run.hooks:
+                hook.before_train(state)
+            run.model.train()
+            with TrainProgress(log, clock, recipe.train.log_freq) as progress:
+                for epoch in range(state.epoch, max_epoch):
+                    run.train_set.set_epoch(epoch)  # augmentations draw from (seed, epoch, sample index)
+                    run.train_loader.set_epoch(epoch)  # the shuffle
+                    where = f"in epoch {epoch + 1}/{max_epoch}"
+                    progress.start_epoch(epoch, state.batch_in_epoch)
+                    t0 = time.perf_counter()
+                    img_per_s, stopped = train_one_epoch(run, epoch, progress, stop)
+                    if stopped:
+                        raise stop.stopped(str(run.checkpoint.save(state)))
+                    seconds = time.perf_counter() - t0
+                    means = {k: v / max(state.epoch_loss_count, 1) for k, v in state.epoch_loss_sums.items()}
+                    state.epoch, state.batch_in_epoch = epoch + 1, 0
+                    state.epoch_loss_sums, state.epoch_loss_count = {}, 0
+                    progress.end_epoch(epoch, means, run.lr(), img_per_s, seconds)
+                    log.event({"event": "epoch", "epoch": state.epoch, "step": state.global_step,
+                               "seconds": round(seconds, 3), "lr": run.lr(), **means,
+                               "img_per_s": round(img_per_s, 2)})
+                    where = f"after epoch {state.epoch}/{max_epoch} (evaluation, checkpoint)"
+                    for hook in run.hooks:
+                        hook.after_epoch(state)
+                    if stop.should_stop():
+                        raise stop.stopped(str(run.checkpoint.save(state)))
+            for hook in run.hooks:
+                hook.after_train(state)
         success = True
     except BaseException as exc:
         # stderr gets the error from the CLI wrapper; the run dir must say why and where the run stopped
-        log.error(f"stopped {where}, at optimizer step {state.global_step}: {_describe(exc)}")
+        log.error(f"stopped {where}, at optimizer step {state.global_step}: {describe(exc)}",
+                  local=getattr(exc, "local", False))
         raise
     finally:
         run.close(success)
@@ -69,24 +82,15 @@ def train(run: Run) -> TrainState:
     return state
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, AccelDetError):
-        return f"error: {exc}"
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted (KeyboardInterrupt)"
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
-
-
 class LossMeter:
     """Sums of the losses on the device since the last log line: no host sync per batch, one ``reduce`` (a
-    collective, reached by every process at the same batch index) per log line."""
+    collective, reached by every process at the same batch index) per log line. The reduced values also
+    accumulate in the ``TrainState``, so the epoch's mean survives a mid-epoch checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: TrainState) -> None:
+        self.state = state
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.epoch_sums: dict[str, float] = {}
-        self.epoch_count = 0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for k, v in losses.items():
@@ -95,42 +99,49 @@ class LossMeter:
 
     def reduce(self, accelerator: Accelerator) -> dict[str, float]:
         means = {k: float(accelerator.reduce(v / self.count, "mean")) for k, v in self.sums.items()}
+        sums = self.state.epoch_loss_sums
         for k, v in means.items():
-            self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * self.count
-        self.epoch_count += self.count
+            sums[k] = sums.get(k, 0.0) + v * self.count
+        self.state.epoch_loss_count += self.count
         self.sums, self.count = {}, 0
         return means
 
-    def epoch_means(self) -> dict[str, float]:
-        return {k: v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items()}
 
-
-def train_one_epoch(run: Run, epoch: int, progress: TrainProgress) -> tuple[dict[str, float], float]:
-    """One pass over the train loader; returns the epoch's mean losses (all processes) and img/s."""
+def train_one_epoch(run: Run, epoch: int, progress: TrainProgress, stop: StopRequest) -> tuple[float, bool]:
+    """One pass over the train loader, from ``state.batch_in_epoch`` (a mid-epoch resume skips the batches
+    already trained on, without loading them). Returns (img/s, whether a signal stopped it mid-epoch)."""
     acc, state, recipe = run.accelerator, run.state, run.recipe
     n_batches, accum, log_freq = len(run.train_loader), recipe.train.accumulation_freq, recipe.train.log_freq
+    every = recipe.output.checkpoint_every_steps
+    start = state.batch_in_epoch
+    loader = acc.skip_first_batches(run.train_loader, start) if start else run.train_loader
     # An epoch whose batches are not a multiple of accumulation_freq ends in a short window of `tail`
     # micro-batches. accelerator.backward divides every loss by accumulation_freq, so that last step would
     # average over accumulation_freq batches it did not see: scale its losses to average over the real count
     # (what torchtune does by counting tokens).
     tail = n_batches % accum
-    meter = LossMeter()
+    meter = LossMeter(state)
+    replaced: list[str] = []
     images_seen = window_images = 0  # over all processes
     t_window = t_epoch = time.perf_counter()
-    for i, (images, targets) in enumerate(run.train_loader):
+    for i, (images, targets) in enumerate(loader, start=start):
         weight = accum / tail if tail and i >= n_batches - tail else 1.0
         losses = train_step(acc, run.model, run.optimizer, run.scheduler, images, targets,
                             clip_grad_norm=recipe.train.clip_grad_norm, loss_weight=weight)
-        if acc.sync_gradients:
-            state.global_step += 1
-            for hook in run.hooks:
-                hook.after_step(state)
+        replaced += [m for t in targets for m in t.get("replaced", ())]
         meter.add(losses)
         images_seen += images.shape[0] * acc.num_processes
         window_images += images.shape[0] * acc.num_processes
         progress.advance(i)
-        if meter.count == log_freq or i + 1 == n_batches:
+        stepped = acc.sync_gradients
+        if stepped:
+            state.global_step += 1
+            state.schedule_step += 1
+            state.batch_in_epoch = i + 1
+        # a log line also where a checkpoint is due: a run resumed from it then logs the same windows
+        if meter.count == log_freq or i + 1 == n_batches or (stepped and every and state.global_step % every == 0):
             means = meter.reduce(acc)
+            stop.sync()
             if not math.isfinite(means["loss"]):
                 raise TrainingError(
                     f"non-finite loss {means} at epoch {epoch + 1}, step {state.global_step}: lower "
@@ -142,7 +153,24 @@ def train_one_epoch(run: Run, epoch: int, progress: TrainProgress) -> tuple[dict
             run.log.event({"event": "train", "epoch": epoch + 1, "batch": i + 1, "step": state.global_step,
                            "lr": run.lr(), **means, "img_per_s": round(img_per_s, 2)})
             t_window, window_images = now, 0
-    return meter.epoch_means(), images_seen / max(time.perf_counter() - t_epoch, 1e-9)
+        if stepped:
+            for hook in run.hooks:
+                hook.after_step(state)
+            if i + 1 < n_batches and stop.should_stop():
+                return images_seen / max(time.perf_counter() - t_epoch, 1e-9), True
+    _report_replaced(run, epoch, replaced)
+    return images_seen / max(time.perf_counter() - t_epoch, 1e-9), False
+
+
+def _report_replaced(run: Run, epoch: int, replaced: list[str]) -> None:
+    """Collective: the samples that could not be read this epoch, from every process, in the log."""
+    everywhere = gather_object([replaced]) if run.accelerator.num_processes > 1 else [replaced]
+    found = [m for part in everywhere for m in part]
+    if found:
+        run.log.info(f"warning: epoch {epoch + 1}: {len(found)} sample(s) could not be read and were replaced "
+                     f"by others (data.on_bad_sample = 'skip'): {'; '.join(found[:3])}"
+                     + (f"; and {len(found) - 3} more" if len(found) > 3 else ""))
+        run.log.event({"event": "bad_samples", "epoch": epoch + 1, "count": len(found), "samples": found[:100]})
 
 
 def train_step(

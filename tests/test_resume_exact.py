@@ -1,0 +1,160 @@
+"""Nothing lost: a run killed at any point and resumed ends bit-identical to one never stopped (workers 0 and 2,
+random augments, 1 and 2 processes); SIGTERM saves and exits 0; a crash inside a checkpoint save resumes from
+the previous complete checkpoint; a failing evaluation keeps its epoch's checkpoint.
+
+Subprocesses (the kill is real), tiny: FaceBoxes at 128 px on 24 synthetic 64 px images, batch 8 (3 steps per
+epoch), 2 epochs, a mid-epoch checkpoint every 2 optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_run import tiny_overrides
+
+REPO = Path(__file__).parents[1]
+DEMO = REPO / "recipes" / "demo.toml"
+INTERRUPT = Path(__file__).parent / "dist_scripts" / "interrupt.py"
+TIMEOUT = 300
+
+pytestmark = pytest.mark.slow
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run(cmd: list[object], cwd: Path) -> subprocess.CompletedProcess[str]:
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} hung\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _ok(res: subprocess.CompletedProcess[str], rc: int = 0) -> subprocess.CompletedProcess[str]:
+    assert res.returncode == rc, f"{res.args}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}"
+    return res
+
+
+def _torchrun(n: int) -> list[object]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--master_addr", "127.0.0.1",
+            "--master_port", port]
+
+
+def _overrides(tmp: Path, data: Path, **extra: object) -> list[str]:
+    return tiny_overrides(tmp / "runs", data, **{
+        "train.max_epoch": 2, "eval.compute_map": "false", "output.checkpoint_every_steps": 2,
+        "data.augments": "['photometric', 'zoom_out', 'iou_crop', 'hflip']", **extra})
+
+
+def _weights(tmp: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(tmp / "runs" / "demo" / "round1" / "model.safetensors"))
+
+
+def _train_events(tmp: Path) -> list[dict]:
+    lines = (tmp / "runs" / "demo" / "round1" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] in ("train", "resume")]
+
+
+def _after_resume(events: list[dict]) -> list[tuple]:
+    """(epoch, batch, step, losses) of the train events after the last resume marker."""
+    last = max((i for i, e in enumerate(events) if e["event"] == "resume"), default=-1)
+    return [(e["epoch"], e["batch"], e["step"], e["loss"], e["loss_loc"], e["loss_cls"])
+            for e in events[last + 1:] if e["event"] == "train"]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_mid_epoch_then_resumed_equals_never_stopped(tmp_path: Path, workers: int) -> None:
+    data = tmp_path / "data"
+    ov = _overrides(tmp_path / "a", data, **{"data.num_workers": workers})
+    _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path / "a"))
+    ov = _overrides(tmp_path / "b", data, **{"data.num_workers": workers})
+    # killed after step 5: the newest checkpoint is step 4's, one batch into epoch 2
+    res = _run([sys.executable, INTERRUPT, "kill", 5, DEMO, *ov], tmp_path / "b")
+    assert res.returncode == -signal.SIGKILL
+    res = _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path / "b"))
+    assert "(epoch 1 + 1 batches, step 4)" in res.stdout
+    _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    # the history after the resume point is the history of the run that never stopped
+    resumed = _after_resume(_train_events(tmp_path / "b"))
+    assert resumed and resumed[0][:3] == (2, 2, 5)
+    assert resumed == [e for e in _after_resume(_train_events(tmp_path / "a")) if e[2] >= 5]
+
+
+def test_two_processes_killed_then_resumed_equal_never_stopped(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    extra = {"data.batch_size": 4}  # 2 x 4: still 3 steps per epoch
+    _ok(_run([*_torchrun(2), "-m", "accel_det.train", DEMO, *_overrides(tmp_path / "a", data, **extra)],
+             tmp_path / "a"))
+    ov = _overrides(tmp_path / "b", data, **extra)
+    res = _run([*_torchrun(2), INTERRUPT, "kill", 5, DEMO, *ov], tmp_path / "b")
+    assert res.returncode != 0
+    res = _ok(_run([*_torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path / "b"))
+    assert "(epoch 1 + 1 batches, step 4)" in res.stdout
+    _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+@pytest.mark.parametrize(("mode", "name", "rc"), [("term", "SIGTERM", 0), ("int", "SIGINT", 130)])
+def test_a_signal_saves_exits_and_resumes_at_the_next_batch(tmp_path: Path, mode: str, name: str, rc: int) -> None:
+    ov = _overrides(tmp_path, tmp_path / "data", **{"output.checkpoint_every_steps": 0})
+    res = _ok(_run([sys.executable, INTERRUPT, mode, 4, DEMO, *ov], tmp_path), rc=rc)
+    ckpt = tmp_path / "runs" / "demo" / "round1" / "checkpoints" / "epoch_0001_step_00000004"
+    assert res.stderr.strip() == f"stopped: {name}: saved checkpoint {ckpt}; the same command resumes from it"
+    # what a SLURM script checks before requeueing (README): the last line of log.txt
+    assert f"stopped: {name}" in (ckpt.parents[1] / "log.txt").read_text().splitlines()[-1]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (1, 1, 4)
+    res = _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path))
+    assert _after_resume(_train_events(tmp_path))[0][:3] == (2, 2, 5)
+
+
+def test_crash_inside_a_save_resumes_from_the_previous_checkpoint(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *_overrides(tmp_path / "a", data)], tmp_path / "a"))
+    ov = _overrides(tmp_path / "b", data)
+    # armed at step 3: the next save (epoch 1's end, step 3) dies before its trainer_state.json
+    res = _run([sys.executable, INTERRUPT, "crash_in_save", 3, DEMO, *ov], tmp_path / "b")
+    assert res.returncode == -signal.SIGKILL
+    root = tmp_path / "b" / "runs" / "demo" / "round1" / "checkpoints"
+    assert (root / "last").read_text().strip() == "epoch_0000_step_00000002"
+    res = _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path / "b"))
+    assert "(epoch 0 + 2 batches, step 2)" in res.stdout
+    assert not list(root.glob(".*.tmp"))  # the half-written save was cleared
+    _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+def test_failing_evaluation_keeps_its_epochs_checkpoint(tmp_path: Path) -> None:
+    ov = _overrides(tmp_path, tmp_path / "data", **{"eval.compute_map": "true", "eval.freq": 1})
+    res = _run([sys.executable, INTERRUPT, "eval_raises", 1, DEMO, *ov], tmp_path)
+    assert res.returncode == 1 and "error: evaluation failed: injected" in res.stderr
+    root = tmp_path / "runs" / "demo" / "round1" / "checkpoints"
+    assert (root / "last").read_text().strip() == "epoch_0001"
+    assert json.loads((root / "epoch_0001" / "trainer_state.json").read_text())["epoch"] == 1
+    assert "stopped after epoch 1/2 (evaluation, checkpoint)" in (root.parent / "log.txt").read_text()
