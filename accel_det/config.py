@@ -6,18 +6,13 @@ Every model forbids unknown keys; every key here is read somewhere in the packag
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    Strict,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
@@ -31,8 +26,22 @@ from accel_det.catalog import (
     NATIVE_INFO,
     NATIVE_MODELS,
     TORCHVISION_MODELS,
-    default_anchors,
-    faceboxes_anchors,
+)
+from accel_det.config_anchors import AnchorConfig, given_anchor_keys, model_anchors
+from accel_det.config_types import (
+    Factor,
+    KeyedError,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Prob,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    Table,
+    UnitOpen,
+    suggest,
 )
 from accel_det.errors import RecipeError
 from accel_det.trackers import TRACKERS
@@ -46,43 +55,15 @@ __all__ = [
     "ModelConfig",
     "Recipe",
     "RecipeError",
+    "StrictFloat",
+    "StrictInt",
     "SyntheticConfig",
-    "apply_overrides",
     "load_recipe",
-    "parse_override",
     "reference_markdown",
 ]
 
-# Strict scalars: TOML has real ints, floats and bools, so `max_epoch = true` or `lr = "0.1"` is a mistake
-# to report, not to coerce (pydantic's lax mode reads true as 1 and "1" as 1). Floats still take ints
-# (`lr = 1`). Strict() sits on the scalars only: global strict mode would also refuse TOML arrays for
-# tuple fields.
-StrictInt = Annotated[int, Strict()]
-StrictFloat = Annotated[float, Strict()]
-StrictBool = Annotated[bool, Strict()]
-PosInt = Annotated[int, Strict(), Field(gt=0)]
-NonNegInt = Annotated[int, Strict(), Field(ge=0)]
-PosFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
-Prob = Annotated[float, Strict(), Field(ge=0, le=1)]
-NonNegFloat = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
-Factor = Annotated[float, Strict(), Field(gt=0, le=1)]  # (0, 1]: decay and warmup factors
-UnitOpen = Annotated[float, Strict(), Field(ge=0, lt=1)]  # [0, 1): momentum, betas
 
-
-class _KeyError(ValueError):
-    """A validator's error about a key below (or beside) the validated table: ``key`` is dotted, relative
-    to the table whose validator raised it, and ``_format_error`` appends it to the error's location."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = tuple(key.split("."))
-
-
-class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class MissionConfig(_Table):
+class MissionConfig(Table):
     name: str = Field("demo", description="Mission name; the run dir is {output.root}/{name}/round{round}")
     round: NonNegInt = Field(1, description="Round of the mission (a new round = a new run dir)")
 
@@ -94,7 +75,7 @@ class MissionConfig(_Table):
         return v
 
 
-class OutputConfig(_Table):
+class OutputConfig(Table):
     root: str = Field("runs", description="Folder that holds every mission's run dirs")
     checkpoint_freq: NonNegInt = Field(1, description="Save a checkpoint every N epochs (0 = only the last)")
     keep_last: NonNegInt = Field(3, description="Keep the newest N epoch checkpoints (0 = keep all)")
@@ -107,85 +88,7 @@ class OutputConfig(_Table):
     )
 
 
-class AnchorConfig(_Table):
-    """``[model.anchors]``. Standalone, the defaults are FaceBoxes'; in a recipe, every key left out takes
-    the chosen model's default (``ModelConfig`` resolves them) and ``model_fields_set`` keeps the keys the
-    recipe set."""
-
-    min_sizes: list[list[PosFloat]] = Field(
-        default_factory=lambda: faceboxes_anchors()["min_sizes"],
-        description="Anchor sizes (px at img_dim) per feature map (faceboxes: 32/64/128, 256, 512; ssdlite: "
-        "fractions of img_dim). Every key left out takes the model's default",
-    )
-    steps: list[PosInt] = Field(
-        default_factory=lambda: faceboxes_anchors()["steps"],
-        description="Stride (px) of each feature map: the model's (faceboxes 32/64/128, ssdlite 8/16/32/64)",
-    )
-    aspect_ratios: list[list[PosFloat]] = Field(
-        default_factory=lambda: faceboxes_anchors()["aspect_ratios"],
-        description="Extra aspect ratios (w/h) per feature map; each r adds r and 1/r. [] = square only",
-    )
-    densify: StrictBool = Field(
-        faceboxes_anchors()["densify"],
-        description="FaceBoxes anchor densification: tile anchors smaller than 4x the stride (false for SSD anchors)",
-    )
-    variance: tuple[PosFloat, PosFloat] = Field(
-        faceboxes_anchors()["variance"], description="SSD box-coder variances"
-    )
-    clip: StrictBool = Field(faceboxes_anchors()["clip"], description="Clip prior boxes to the image")
-
-    @model_validator(mode="after")
-    def _same_length(self) -> AnchorConfig:
-        if len(self.min_sizes) != len(self.steps):
-            raise ValueError(
-                f"min_sizes has {len(self.min_sizes)} feature maps but steps has {len(self.steps)}"
-            )
-        if self.aspect_ratios and len(self.aspect_ratios) != len(self.steps):
-            raise ValueError(
-                f"aspect_ratios has {len(self.aspect_ratios)} feature maps but steps has {len(self.steps)}"
-            )
-        return self
-
-
-def _given_anchor_keys(value: Any) -> dict[str, Any] | None:
-    """The keys a ``[model.anchors]`` value sets (a table, an AnchorConfig, None), or None for a value of
-    another type (left to pydantic to report)."""
-    if value is None:
-        return {}
-    if isinstance(value, AnchorConfig):
-        return {k: getattr(value, k) for k in value.model_fields_set}
-    if isinstance(value, dict):
-        return dict(value)
-    return None
-
-
-def _model_anchors(
-    name: str, img_dim: int, given: dict[str, Any], validate: Callable[[Any], AnchorConfig]
-) -> AnchorConfig:
-    """``given`` completed with the model's defaults at img_dim; fields_set stays ``given``'s keys, so a
-    later change of model.name or model.img_dim re-derives the rest."""
-    strides = NATIVE_INFO[name].strides
-    merged = {**default_anchors(name, img_dim), **given}
-    # Lengths first, on the keys the recipe set: a default of the model's length must not be what a wrong
-    # length is compared with ("aspect_ratios has 4 feature maps" when the recipe never set it).
-    lengths = {
-        k: len(v)
-        for k in ("steps", "min_sizes", "aspect_ratios")
-        if isinstance(v := given.get(k), list) and (v or k != "aspect_ratios")
-    }
-    if len(set(lengths.values())) > 1:
-        validate(merged)  # raises: AnchorConfig names the two keys that disagree
-    for key, n in lengths.items():
-        if n != len(strides):
-            raise _KeyError(
-                key, f"{name} has {len(strides)} feature maps (strides {list(strides)}) but {key} lists {n}"
-            )
-    anchors = validate(merged)
-    anchors.__pydantic_fields_set__ = set(given) & set(AnchorConfig.model_fields)
-    return anchors
-
-
-class ModelConfig(_Table):
+class ModelConfig(Table):
     name: str = Field("ssdlite_mobilenet_v3", description="Registry key of the detector")
     num_classes: PosInt | None = Field(
         None, description="Object classes without background; default len(data.class_names)"
@@ -210,7 +113,7 @@ class ModelConfig(_Table):
     @classmethod
     def _known(cls, v: str) -> str:
         if v not in KNOWN_MODELS:
-            raise ValueError(f"unknown model {v!r}{_suggest(v, KNOWN_MODELS)}; known: {', '.join(KNOWN_MODELS)}")
+            raise ValueError(f"unknown model {v!r}{suggest(v, KNOWN_MODELS)}; known: {', '.join(KNOWN_MODELS)}")
         return v
 
     @field_validator("anchors", mode="wrap")
@@ -221,11 +124,11 @@ class ModelConfig(_Table):
         # Complete the table *before* AnchorConfig validates it: completed with FaceBoxes' defaults, a
         # partial SSD table would fail (or, worse, pass) on the wrong model's anchors.
         name, img_dim = info.data.get("name"), info.data.get("img_dim")
-        given = _given_anchor_keys(v)
+        given = given_anchor_keys(v)
         if name not in NATIVE_INFO or img_dim is None or given is None:
             # a torchvision model (a table is rejected below), or name/img_dim already failed
             return handler(v)
-        return _model_anchors(name, img_dim, given, handler)
+        return model_anchors(name, img_dim, given, handler)
 
     @model_validator(mode="after")
     def _anchors_fit_model(self) -> ModelConfig:
@@ -235,16 +138,16 @@ class ModelConfig(_Table):
             raise ValueError("torchvision detectors take 3-channel images (channels = 3)")
         if self.name in NATIVE_INFO:
             # validate_assignment of name or img_dim runs only this validator: re-derive the unset keys
-            given = _given_anchor_keys(self.anchors) or {}
+            given = given_anchor_keys(self.anchors) or {}
             try:
-                anchors = _model_anchors(self.name, self.img_dim, given, AnchorConfig.model_validate)
+                anchors = model_anchors(self.name, self.img_dim, given, AnchorConfig.model_validate)
             except ValidationError as exc:
-                raise _KeyError("anchors", exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+                raise KeyedError("anchors", exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
             if anchors != self.anchors:
                 self.__dict__["anchors"] = anchors  # already validated; setattr would validate again
             strides = list(NATIVE_INFO[self.name].strides)
             if anchors.steps != strides:
-                raise _KeyError(
+                raise KeyedError(
                     "anchors.steps",
                     f"must be {strides}: {self.name} predicts on {len(strides)} feature maps at these strides "
                     f"(got {anchors.steps})",
@@ -252,7 +155,7 @@ class ModelConfig(_Table):
         return self
 
 
-class SyntheticConfig(_Table):
+class SyntheticConfig(Table):
     num_train: PosInt = Field(320, description="Synthetic training images")
     num_val: PosInt = Field(64, description="Synthetic validation images")
     img_size: PosInt = Field(128, description="Synthetic image size (px)")
@@ -260,7 +163,7 @@ class SyntheticConfig(_Table):
     seed: StrictInt = Field(0, description="Generator seed: same seed, same images")
 
 
-class DataConfig(_Table):
+class DataConfig(Table):
     format: Literal["voc", "coco", "yolo", "synthetic"] = Field("synthetic", description="Dataset layout")
     root: str = Field("data/synthetic_shapes", description="Dataset folder (relative to the working dir)")
     train: str = Field(
@@ -306,16 +209,16 @@ class DataConfig(_Table):
     def _ignored(self) -> DataConfig:
         both = [n for n in self.ignore_classes if n in self.class_names]
         if both:
-            raise _KeyError(
+            raise KeyedError(
                 "ignore_classes", f"{', '.join(both)} also in data.class_names: a class is trained or ignored"
             )
         if self.ignore_classes and self.format == "yolo":
             # YOLO labels are positions in class_names: an ignored name has no id to match
-            raise _KeyError("ignore_classes", "applies to formats voc and coco (YOLO class ids index class_names)")
+            raise KeyedError("ignore_classes", "applies to formats voc and coco (YOLO class ids index class_names)")
         return self
 
 
-class OptimizerConfig(_Table):
+class OptimizerConfig(Table):
     name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimizer")
     lr: PosFloat = Field(1e-3, description="Base learning rate")
     momentum: UnitOpen = Field(0.9, description="SGD momentum")
@@ -333,7 +236,7 @@ class OptimizerConfig(_Table):
         return self
 
 
-class SchedulerConfig(_Table):
+class SchedulerConfig(Table):
     name: Literal["multistep", "step", "cosine", "constant"] = Field("multistep", description="LR schedule")
     milestones: list[PosInt] = Field(default_factory=list, description="multistep: epochs where LR *= gamma")
     step_size: PosInt = Field(30, description="step: LR *= gamma every step_size epochs")
@@ -351,7 +254,7 @@ class SchedulerConfig(_Table):
         return v
 
 
-class TrainConfig(_Table):
+class TrainConfig(Table):
     max_epoch: PosInt = Field(30, description="Epochs to train")
     accumulation_freq: PosInt = Field(1, description="Batches per optimizer step (gradient accumulation)")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
@@ -369,7 +272,7 @@ class TrainConfig(_Table):
     loss_fp32: StrictBool = Field(True, description="Compute native models' losses in fp32 under autocast")
 
 
-class EvalConfig(_Table):
+class EvalConfig(Table):
     freq: NonNegInt = Field(10, description="Evaluate every N epochs (0 = only at the end)")
     compute_map: StrictBool = Field(True, description="Compute mAP (false: skip evaluation)")
     metric: Literal["coco", "voc07", "voc12"] = Field("coco", description="Headline metric")
@@ -380,7 +283,7 @@ class EvalConfig(_Table):
     batch_size: PosInt | None = Field(None, description="Eval images per process; default data.batch_size")
 
 
-class LogConfig(_Table):
+class LogConfig(Table):
     trackers: list[str] = Field(
         default_factory=list, description="Accelerate trackers (log_with), e.g. ['tensorboard']"
     )
@@ -390,11 +293,11 @@ class LogConfig(_Table):
     def _known_trackers(cls, v: list[str]) -> list[str]:
         for name in v:
             if name not in TRACKERS:
-                raise ValueError(f"unknown tracker {name!r}{_suggest(name, TRACKERS)}; known: {', '.join(TRACKERS)}")
+                raise ValueError(f"unknown tracker {name!r}{suggest(name, TRACKERS)}; known: {', '.join(TRACKERS)}")
         return v
 
 
-class Recipe(_Table):
+class Recipe(Table):
     mission: MissionConfig = Field(default_factory=MissionConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -435,7 +338,7 @@ class Recipe(_Table):
             return
         top = max(NATIVE_INFO[self.model.name].strides)
         if self.model.img_dim <= top:
-            raise _KeyError(
+            raise KeyedError(
                 "model.img_dim",
                 f"{self.model.img_dim} makes the stride-{top} feature map of {self.model.name} 1x1, and BatchNorm "
                 f"cannot train on it with data.batch_size = 1: use img_dim > {top} or data.batch_size >= 2",
@@ -453,16 +356,17 @@ class Recipe(_Table):
         return json.dumps(self.model_dump(mode="json"), indent=2)
 
 
-def _suggest(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+# Reading a recipe (TOML/JSON text, overrides, one-line errors) lives in config_io.py, which validates with the
+# models above; these two keep `from accel_det.config import load_recipe` the one import everyone uses.
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. Any problem raises RecipeError with one line."""
+    from accel_det.config_io import load_recipe as read
+
+    return read(path, overrides)
 
 
-# Reading a recipe (TOML/JSON text, overrides, one-line errors) lives in config_io.py; re-exported here so that
-# `from accel_det.config import load_recipe` stays the one import (config_io imports this module's models).
-from accel_det.config_io import (  # noqa: E402
-    apply_overrides,
-    load_recipe,
-    parse_override,
-    reference_markdown,
-)
+def reference_markdown() -> str:
+    """The recipe reference, generated from the models (README's table comes from here)."""
+    from accel_det.config_io import reference_markdown as reference
+
+    return reference()

@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from accel_det.catalog import NATIVE_MODELS, default_anchors
-from accel_det.config import AnchorConfig, ModelConfig, Recipe, _KeyError, _suggest
+from accel_det.config import AnchorConfig, ModelConfig, Recipe
+from accel_det.config_types import KeyedError, suggest
 from accel_det.errors import RecipeError
 
 if sys.version_info >= (3, 11):
@@ -96,12 +97,12 @@ def _format_error(source: str, err: ValidationError, hints: dict[str, str] | Non
     loc, union, e = errors[0]
     at = loc
     exc = (e.get("ctx") or {}).get("error")
-    if isinstance(exc, _KeyError):
+    if isinstance(exc, KeyedError):
         at = loc + exc.key
     msg = e["msg"]
     if e["type"] == "extra_forbidden" and loc:
         parent = _model_at(loc[:-1])
-        hint = _suggest(str(loc[-1]), parent.model_fields) if parent else ""
+        hint = suggest(str(loc[-1]), parent.model_fields) if parent else ""
         msg = f"unknown key{hint}"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]

@@ -22,9 +22,9 @@ from accel_det.config import (
     AnchorConfig,
     RecipeError,
     load_recipe,
-    parse_override,
     reference_markdown,
 )
+from accel_det.config_io import parse_override
 from accel_det.trackers import missing_tracker_packages
 
 BAD = [
