@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,32 @@ def test_failing_evaluation_keeps_its_epochs_checkpoint(tmp_path: Path) -> None:
     assert (root / "last").read_text().strip() == "epoch_0001"
     assert json.loads((root / "epoch_0001" / "trainer_state.json").read_text())["epoch"] == 1
     assert "stopped after epoch 1/2 (evaluation, checkpoint)" in (root.parent / "log.txt").read_text()
+
+
+def test_killed_before_the_first_checkpoint_restarts_and_says_so(tmp_path: Path) -> None:
+    ov = _overrides(tmp_path, tmp_path / "data", **{"output.checkpoint_every_steps": 0, "train.max_epoch": 1})
+    res = _run([sys.executable, INTERRUPT, "kill", 2, DEMO, *ov], tmp_path)
+    assert res.returncode == -signal.SIGKILL
+    res = _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path))
+    assert "restart: this run dir has history but no checkpoint" in res.stdout
+    events = [json.loads(x)["event"] for x in
+              (tmp_path / "runs" / "demo" / "round1" / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("restart") == 1 and events.index("restart") > events.index("train")
+
+
+def test_sigterm_while_generating_data_leaves_no_partial_folder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ov = _overrides(tmp_path, data, **{"data.synthetic.num_train": 20000, "data.synthetic.img_size": 128})
+    proc = subprocess.Popen([sys.executable, "-m", "accel_det.train", DEMO, *ov], cwd=tmp_path, env=_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(data.glob(".*.tmp-*/JPEGImages/*.png")) and time.monotonic() < deadline:
+            time.sleep(0.2)  # generation has started writing
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped: terminated (SIGTERM) before training started" in err
+    assert not list(data.glob(".*")), list(data.glob(".*"))
