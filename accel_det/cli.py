@@ -1,4 +1,4 @@
-"""``accel-det``: train | validate | reference | evaluate | predict. Every subcommand goes through
+"""``accel-det``: train | validate | reference | evaluate | predict | check-data. Every subcommand goes through
 ``errors.run_cli``: an expected failure is one line on stderr and exit code 2 (recipe, usage) or 1 (run time)."""
 
 from __future__ import annotations
@@ -50,9 +50,15 @@ def _predict(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _check_data(args: argparse.Namespace) -> int:
+    from accel_det.check_data import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # the entry modules' argument definitions are imported without torch: they import it inside run()
-    from accel_det import evaluate, predict, train
+    from accel_det import check_data, evaluate, predict, train
 
     parser = argparse.ArgumentParser(prog="accel-det", description="Train object detectors with Accelerate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="detect objects in images with a trained run")
     predict.add_arguments(p)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("check-data", help="scan a recipe's data for bad samples before training (the data doctor)")
+    check_data.add_arguments(p)
+    p.set_defaults(func=_check_data)
     return parser
 
 

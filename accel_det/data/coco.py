@@ -35,6 +35,7 @@ from .common import (
     UnknownNames,
     check_box,
     check_inside,
+    fatal,
     first_few,
     make_record,
 )
@@ -79,7 +80,7 @@ def _categories(
         by_name[cat["name"]] = cat["id"]
     missing = [n for n in class_names if n not in by_name]
     if missing:
-        raise DatasetError(f"{path}: no category for class name(s) {', '.join(map(repr, missing))}")
+        raise fatal("unknown_class", path, f"{path}: no category for class name(s) {', '.join(map(repr, missing))}")
     labels = {by_name[name]: i + 1 for i, name in enumerate(class_names)}
     ignored = {cid: name for name, cid in by_name.items() if name in ignore}
     unknown = {cid: name for name, cid in by_name.items() if cid not in labels and cid not in ignored}
@@ -127,7 +128,7 @@ class COCODetection(DetectionDataset):
         for name in unknown.values():
             self.unknown.add(name, "", count=0)  # listed even when no annotation uses it
         if not data["images"]:
-            raise DatasetError(f"{self.ann_file}: no images")
+            raise fatal("no_usable_images", self.ann_file, f"{self.ann_file}: no images")
         entries, dropped_ids = self._image_entries(data["images"])
 
         undeclared = UnknownNames()
@@ -291,8 +292,4 @@ class COCODetection(DetectionDataset):
             return True
         message = f"{path}: {sizes}: annotation boxes reach beyond the real image"
         self.drop(BadEntry("size_mismatch", path, message), IMAGE_DROPPED)
-        return True
-        self.problems.pop()  # the image is dropped: that is the problem to report, not the size note
-        self.drop(BadEntry("size_mismatch", path, f"{path}: {sizes}: annotation boxes reach beyond the real image"),
-                  IMAGE_DROPPED)  # fmt: skip
         return True

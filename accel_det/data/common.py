@@ -97,6 +97,14 @@ def summarize(problems: Sequence[Problem], source: str | Path, skip: Sequence[st
     return lines
 
 
+def fatal(kind: str, file: str | Path, message: str) -> DatasetError:
+    """A problem that makes a whole split unusable (``kind``: unknown_class, pixel_coordinates,
+    no_usable_images), tagged with its kind and file so the data doctor can group it without parsing text."""
+    error = DatasetError(message)
+    error.kind, error.file = kind, str(file)
+    return error
+
+
 class UnknownNames:
     """Class names (or ids) an annotation uses that the recipe does not know, counted over a whole split so
     one error can list them all: fixing one name per run, on a big dataset, takes a day."""
@@ -118,7 +126,7 @@ class UnknownNames:
             f"{name} ({n}, first in {self.first[name]})" if name in self.first else f"{name} ({n})"
             for name, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         )
-        raise DatasetError(f"{source}: {what} {listed}; {hint}")
+        raise fatal("unknown_class", source, f"{source}: {what} {listed}; {hint}")
 
 
 def is_hidden(path: Path, root: Path) -> bool:

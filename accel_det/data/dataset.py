@@ -39,6 +39,7 @@ from .common import (
     Record,
     UnknownNames,
     class_list,
+    fatal,
     first_few,
     summarize,
 )
@@ -137,7 +138,7 @@ class DetectionDataset(Dataset):
         if not self.records:
             dropped = [p.line() for p in self.problems if p.action == IMAGE_DROPPED]
             why = f": {len(dropped)} dropped, {first_few(dropped, 2)}" if dropped else ""
-            raise DatasetError(f"{source}: no usable images{why}")
+            raise fatal("no_usable_images", source, f"{source}: no usable images{why}")
         self.warnings.extend(summarize(self.problems, source, skip=own_lines))
 
     # -- samples -----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that rotate by 90 degrees: width <-> height
 # What Pillow raises for a file that is not a readable image: unknown format, truncated or corrupt data
 # (OSError, SyntaxError, ValueError from the decoders), or pixel counts past its decompression-bomb limit.
-_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+UNREADABLE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def load_image(path: str | Path, channels: int = 3) -> tv_tensors.Image:
@@ -42,7 +42,7 @@ def load_image(path: str | Path, channels: int = 3) -> tv_tensors.Image:
         raise  # already names the file; DataError is a ValueError, keep the clause below from rewording it
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file missing") from None
-    except _UNREADABLE as exc:
+    except UNREADABLE_ERRORS as exc:
         raise DatasetError(f"{path}: cannot read image: {exc}") from None
     return tv_tensors.Image(F.pil_to_tensor(img))
 
@@ -78,6 +78,6 @@ def image_size(path: Path, oriented: bool = True) -> tuple[int, int]:
                 w, h = h, w
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file missing") from None
-    except _UNREADABLE as exc:
+    except UNREADABLE_ERRORS as exc:
         raise DatasetError(f"{path}: cannot read image: {exc}") from None
     return int(w), int(h)

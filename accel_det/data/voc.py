@@ -34,6 +34,7 @@ from .common import (
     DirIndex,
     check_box,
     check_inside,
+    fatal,
     first_few,
     is_hidden,
     make_record,
@@ -178,7 +179,7 @@ class VOCDetection(DetectionDataset):
         ids = read_split(self.root, split)
         source = self.root / split if split else self.root / "Annotations"
         if not ids:
-            raise DatasetError(f"{source}: no images listed")
+            raise fatal("no_usable_images", source, f"{source}: no images listed")
         images = DirIndex()
         img_dir = self.root / "JPEGImages"
         stale: list[str] = []

@@ -26,9 +26,9 @@ from .common import (
     IMAGE_SUFFIXES,
     OBJECT_DROPPED,
     BadEntry,
-    DatasetError,
     DirIndex,
     check_box,
+    fatal,
     is_hidden,
     make_record,
     read_lines,
@@ -60,7 +60,7 @@ def list_images(root: Path, split: str, ds: DetectionDataset) -> list[Path]:
             if p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, where) and p.is_file()
         )
         if not images:
-            raise DatasetError(f"{where}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            raise fatal("no_usable_images", where, f"{where}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return images
     lines = read_lines(where, "split folder or list file")
     files = DirIndex()
@@ -78,7 +78,7 @@ def list_images(root: Path, split: str, ds: DetectionDataset) -> list[Path]:
             continue
         images.append(path)
     if not images and not ds.problems:
-        raise DatasetError(f"{where}: no images listed")
+        raise fatal("no_usable_images", where, f"{where}: no images listed")
     return images
 
 
@@ -132,9 +132,9 @@ def _parse_line(line: str, where: str, path: Path, num_classes: int) -> tuple[in
         raise BadEntry("invalid_box", path, f"{where}: non-finite value in {line.strip()!r}")
     outside = [f"{v:g}" for v in values[1:] if not -NORMALISED_MARGIN <= v <= 1 + NORMALISED_MARGIN]
     if outside:
-        raise DatasetError(
-            f"{where}: YOLO coordinates must be normalised to [0, 1], got {', '.join(outside)} "
-            f"in {line.strip()!r}"
+        raise fatal(
+            "pixel_coordinates", path,
+            f"{where}: YOLO coordinates must be normalised to [0, 1], got {', '.join(outside)} in {line.strip()!r}",
         )
     if len(values) == 5:
         cx, cy, w, h = values[1:]
