@@ -188,3 +188,17 @@ def test_sigterm_while_generating_data_leaves_no_partial_folder(tmp_path: Path) 
     assert proc.returncode == 0, err[-3000:]
     assert "stopped: terminated (SIGTERM) before training started" in err
     assert not list(data.glob(".*")), list(data.glob(".*"))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path: Path) -> None:
+    # Only the main process gets the signal (schedulers usually signal all; this is the harder case), after
+    # step 1: the flag is agreed at the next log line (step 2's), both stop after step 2, save the same
+    # mid-epoch checkpoint and exit 0.
+    ov = _overrides(tmp_path, tmp_path / "data", **{"data.batch_size": 4, "output.checkpoint_every_steps": 0})
+    res = _ok(_run([*_torchrun(2), INTERRUPT, "term", 1, DEMO, *ov], tmp_path))
+    ckpt = tmp_path / "runs" / "demo" / "round1" / "checkpoints" / "epoch_0000_step_00000002"
+    assert f"stopped: SIGTERM: saved checkpoint {ckpt}" in res.stderr
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (state["global_step"], state["batch_in_epoch"], state["num_processes"]) == (2, 2, 2)
+    _ok(_run([*_torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path))
+    assert _after_resume(_train_events(tmp_path))[0][:3] == (1, 3, 3)
