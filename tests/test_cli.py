@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from procs import run, torchrun
 from tiny_run import tiny_overrides
 
 REPO = Path(__file__).parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
 SCRIPTS = Path(__file__).parent / "dist_scripts"
-TIMEOUT = 300
 
 pytestmark = pytest.mark.slow
 
@@ -36,29 +34,6 @@ def _accel_det() -> list[str]:
     exe = shutil.which("accel-det")
     assert exe, "the console script accel-det is not installed (pip install -e .)"
     return [exe]
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONUNBUFFERED="1")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path, rc: int | None = 0, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{cmd} did not finish in {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    if rc is not None:
-        assert res.returncode == rc, f"{cmd}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-    return res
 
 
 def _error_line(res: subprocess.CompletedProcess[str]) -> str:
@@ -71,7 +46,7 @@ def _error_line(res: subprocess.CompletedProcess[str]) -> str:
 
 def _train(tmp: Path, *extra: str, rc: int | None = 0, **over: object) -> subprocess.CompletedProcess[str]:
     ov = tiny_overrides(tmp / "runs", tmp / "data", **over)
-    return _run([*_accel_det(), "train", DEMO, *ov, *extra], tmp, rc=rc)
+    return run([*_accel_det(), "train", DEMO, *ov, *extra], tmp, rc=rc)
 
 
 def _cli(argv: list[object], capfd: pytest.CaptureFixture[str], rc: int = 0) -> subprocess.CompletedProcess[str]:
@@ -128,12 +103,12 @@ def test_evaluate_module_names_results_after_what_was_evaluated(trained: dict, c
                                                                 ) -> None:
     tmp, run_dir = trained["tmp"], trained["run_dir"]
     ev = [sys.executable, "-m", "accel_det.evaluate", run_dir]
-    _run([*ev, "--checkpoint", "last"], tmp)
+    run([*ev, "--checkpoint", "last"], tmp)
     last = json.loads((run_dir / "eval" / "evaluate_last.json").read_text())
     assert last["num_images"] == 9 and last["checkpoint"] == "last"
     # a file called `best` in the working dir is not the keyword's checkpoint
     (tmp / "best").write_text("not weights")
-    _run([*ev], tmp)
+    run([*ev], tmp)
     assert json.loads((run_dir / "eval" / "evaluate_best.json").read_text())["weights"].endswith("model.safetensors")
     # two epochs' weights files and an evaluation with overrides each get their own result file
     for epoch in (1, 2):
@@ -165,7 +140,7 @@ def test_predict_module_inputs_outputs_and_bad_images(trained: dict, capfd: pyte
     shutil.copy(src[4], images / "._x.png")  # macOS AppleDouble: hidden, skipped
     out = images / "preds"  # inside the input folder: never read back
     args = [run_dir, images, "--out", out, "--conf", "0"]
-    _run([sys.executable, "-m", "accel_det.predict", *args], tmp)
+    run([sys.executable, "-m", "accel_det.predict", *args], tmp)
     res = json.loads((out / "predictions.json").read_text())
     drawn = sorted(r["drawn"] for r in res)
     assert len(res) == 5 and len(set(drawn)) == 5 and "b/x.png" in drawn and "wide.png" in drawn
@@ -290,7 +265,7 @@ def test_run_time_errors_are_one_line(tmp_path: Path, capfd: pytest.CaptureFixtu
 def test_recipe_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     recipe = tmp_path / "dup.toml"
     recipe.write_text('[optimizer]\nlr = 0.1\nlr = 0.2\n')
-    line = _error_line(_run([*_accel_det(), "train", recipe], tmp_path, rc=2))
+    line = _error_line(run([*_accel_det(), "train", recipe], tmp_path, rc=2))
     assert line == f"error: {recipe}: not valid TOML: duplicate key 'lr' in [optimizer] (line 3)"
     line = _error_line(_train(tmp_path, rc=2, **{"train.max_epoch": "true"}))
     assert "train.max_epoch: Input should be a valid integer" in line
@@ -335,17 +310,9 @@ def _ours(stderr: str) -> str:
                           if "torch/distributed/run.py" not in t)
 
 
-def _torchrun(n: int) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-            "127.0.0.1", "--master_port", str(port)]
-
-
 def test_an_error_is_printed_once_not_once_per_process(tmp_path: Path) -> None:
     ov = tiny_overrides(tmp_path / "runs", Path("/proc/accel_det/data"))
-    res = _run([*_torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path, rc=None)
+    res = run([*torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path, rc=None)
     assert res.returncode != 0
     assert res.stderr.count("error: data.root: cannot create") == 1, res.stderr[-3000:]
     assert "Traceback" not in _ours(res.stderr), res.stderr[-3000:]
@@ -354,7 +321,7 @@ def test_an_error_is_printed_once_not_once_per_process(tmp_path: Path) -> None:
 def test_one_process_failing_stops_both_quickly(tmp_path: Path) -> None:
     ov = tiny_overrides(tmp_path / "runs", tmp_path / "data", **{"data.batch_size": 4, "train.max_epoch": 2})
     t0 = time.perf_counter()
-    res = _run([*_torchrun(2), SCRIPTS / "raise_on_rank.py", "1", "2", DEMO, *ov], tmp_path, rc=None, timeout=120)
+    res = run([*torchrun(2), SCRIPTS / "raise_on_rank.py", "1", "2", DEMO, *ov], tmp_path, rc=None, timeout=120)
     assert res.returncode != 0
     assert time.perf_counter() - t0 < 90
     assert res.stderr.count("[rank 1] error: injected failure on rank 1 at step 2") == 1, res.stderr[-3000:]

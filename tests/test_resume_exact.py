@@ -9,9 +9,7 @@ epoch), 2 epochs, a mid-epoch checkpoint every 2 optimizer steps.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,48 +17,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import clean_env, run, torchrun
 from safetensors.torch import load_file
 from tiny_run import tiny_overrides
 
 REPO = Path(__file__).parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
 INTERRUPT = Path(__file__).parent / "dist_scripts" / "interrupt.py"
-TIMEOUT = 300
 
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONUNBUFFERED="1")
-    return env
-
-
 def _run(cmd: list[object], cwd: Path) -> subprocess.CompletedProcess[str]:
-    cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{cmd} hung\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run(cmd, cwd, rc=None)
 
 
 def _ok(res: subprocess.CompletedProcess[str], rc: int = 0) -> subprocess.CompletedProcess[str]:
     assert res.returncode == rc, f"{res.args}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}"
     return res
-
-
-def _torchrun(n: int) -> list[object]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--master_addr", "127.0.0.1",
-            "--master_port", port]
 
 
 def _overrides(tmp: Path, data: Path, **extra: object) -> list[str]:
@@ -112,12 +86,12 @@ def test_killed_mid_epoch_then_resumed_equals_never_stopped(tmp_path: Path, work
 def test_two_processes_killed_then_resumed_equal_never_stopped(tmp_path: Path) -> None:
     data = tmp_path / "data"
     extra = {"data.batch_size": 4}  # 2 x 4: still 3 steps per epoch
-    _ok(_run([*_torchrun(2), "-m", "accel_det.train", DEMO, *_overrides(tmp_path / "a", data, **extra)],
+    _ok(_run([*torchrun(2), "-m", "accel_det.train", DEMO, *_overrides(tmp_path / "a", data, **extra)],
              tmp_path / "a"))
     ov = _overrides(tmp_path / "b", data, **extra)
-    res = _run([*_torchrun(2), INTERRUPT, "kill", 5, DEMO, *ov], tmp_path / "b")
+    res = _run([*torchrun(2), INTERRUPT, "kill", 5, DEMO, *ov], tmp_path / "b")
     assert res.returncode != 0
-    res = _ok(_run([*_torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path / "b"))
+    res = _ok(_run([*torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path / "b"))
     assert "(epoch 1 + 1 batches, step 4)" in res.stdout
     _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
 
@@ -175,7 +149,7 @@ def test_killed_before_the_first_checkpoint_restarts_and_says_so(tmp_path: Path)
 def test_sigterm_while_generating_data_leaves_no_partial_folder(tmp_path: Path) -> None:
     data = tmp_path / "data"
     ov = _overrides(tmp_path, data, **{"data.synthetic.num_train": 20000, "data.synthetic.img_size": 128})
-    proc = subprocess.Popen([sys.executable, "-m", "accel_det.train", DEMO, *ov], cwd=tmp_path, env=_env(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "accel_det.train", DEMO, *ov], cwd=tmp_path, env=clean_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -195,10 +169,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path: Path) 
     # step 1: the flag is agreed at the next log line (step 2's), both stop after step 2, save the same
     # mid-epoch checkpoint and exit 0.
     ov = _overrides(tmp_path, tmp_path / "data", **{"data.batch_size": 4, "output.checkpoint_every_steps": 0})
-    res = _ok(_run([*_torchrun(2), INTERRUPT, "term", 1, DEMO, *ov], tmp_path))
+    res = _ok(_run([*torchrun(2), INTERRUPT, "term", 1, DEMO, *ov], tmp_path))
     ckpt = tmp_path / "runs" / "demo" / "round1" / "checkpoints" / "epoch_0000_step_00000002"
     assert f"stopped: SIGTERM: saved checkpoint {ckpt}" in res.stderr
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["global_step"], state["batch_in_epoch"], state["num_processes"]) == (2, 2, 2)
-    _ok(_run([*_torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path))
+    _ok(_run([*torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path))
     assert _after_resume(_train_events(tmp_path))[0][:3] == (1, 3, 3)
