@@ -39,7 +39,7 @@ from .common import (
     first_few,
     make_record,
 )
-from .dataset import DetectionDataset, OnBadSample, Transforms
+from .dataset import DetectionDataset, OnBadSample, StagedTransforms, Transforms
 from .images import image_size
 
 SIZE_SLACK = 1.0  # px a box may reach past the real image before the size mismatch counts as losing boxes
@@ -106,7 +106,7 @@ class COCODetection(DetectionDataset):
         ann_file: str | Path,
         image_dir: str | Path,
         class_names: Sequence[str],
-        transforms: Transforms | None = None,
+        transforms: Transforms | StagedTransforms | None = None,
         channels: int = 3,
         keep_crowd: bool = True,
         *,

@@ -9,6 +9,11 @@ that worker loaded before: 0, 1 or N workers, any number of processes and a resu
 pixels. The epoch lives in a shared-memory tensor so that ``set_epoch`` in the main process reaches
 DataLoader workers that already exist (``persistent_workers``).
 
+Stages (``[[data.stages]]``). ``transforms`` may be a ``StagedTransforms``: one pipeline per stage, picked by
+that same shared epoch at every ``__getitem__``. So every worker of every process switches exactly at the stage
+boundary (and a resume lands in the right stage) without rebuilding the DataLoader: rebuilding would restart
+persistent workers and have to re-create what ``accelerator.prepare`` wrapped around the loader.
+
 Bad samples. ``on_bad_sample`` says what a sample that fails to load does:
 
 - ``"error"``: raises its ``DataError`` (``local``: only the process that read it knows);
@@ -23,10 +28,12 @@ At index time "skip" and "blank" drop what is wrong with one image or object and
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -53,6 +60,20 @@ ON_BAD_SAMPLE = ("skip", "error", "blank")
 _MASK64 = 2**64 - 1
 
 
+class StagedTransforms:
+    """One training pipeline per stage: ``pipelines[i]`` from epoch ``starts[i]`` (0-based, increasing, the
+    first 0) until the next start; the last runs on (``DataConfig.stage_of`` is the same rule)."""
+
+    def __init__(self, starts: Sequence[int], pipelines: Sequence[Transforms]) -> None:
+        if not pipelines or len(starts) != len(pipelines) or starts[0] != 0 or list(starts) != sorted(starts):
+            raise ValueError(f"stage starts {list(starts)} do not fit {len(pipelines)} pipelines")
+        self.starts = list(starts)
+        self.pipelines = list(pipelines)
+
+    def at(self, epoch: int) -> Transforms:
+        return self.pipelines[max(bisect_right(self.starts, epoch) - 1, 0)]
+
+
 def _splitmix64(x: int) -> int:
     # Steele et al.'s SplitMix64 finaliser: neighbouring inputs (index 7 vs 8) give unrelated 64-bit outputs,
     # so the per-sample generators do not start in correlated states.
@@ -75,12 +96,13 @@ class DetectionDataset(Dataset):
     ``drop``/``note`` for what they leave out, and ``finish_index`` at the end of their constructor.
 
     ``seed``: ``train.seed`` (the builder sets it); ``ignore_classes``: class names whose objects are dropped
-    (VOC, COCO; each drop is a ``Problem`` of kind "ignored_class")."""
+    (VOC, COCO; each drop is a ``Problem`` of kind "ignored_class"); ``transforms``: one pipeline, or one per
+    stage (``StagedTransforms``)."""
 
     def __init__(
         self,
         class_names: Sequence[str],
-        transforms: Transforms | None,
+        transforms: Transforms | StagedTransforms | None,
         channels: int,
         keep_difficult: bool = True,
         *,
@@ -140,6 +162,15 @@ class DetectionDataset(Dataset):
             why = f": {len(dropped)} dropped, {first_few(dropped, 2)}" if dropped else ""
             raise fatal("no_usable_images", source, f"{source}: no usable images{why}")
         self.warnings.extend(summarize(self.problems, source, skip=own_lines))
+
+    def merge_classes(self, name: str) -> None:
+        """``data.single_cls``: after indexing has read and checked the dataset's own class names, every object
+        becomes label 1 of the one class ``name``. Its category id is the first id of the dataset's numbering
+        (0 for YOLO and 0-based COCO files, else 1), for predictions written in that numbering."""
+        for rec in self.records:
+            rec.labels = np.ones_like(rec.labels)
+        self.category_ids = [0 if min(self.category_ids, default=1) == 0 else 1]
+        self.class_names = [name]
 
     # -- samples -----------------------------------------------------------------------------------------------
 
@@ -216,14 +247,17 @@ class DetectionDataset(Dataset):
         return self._transform(image, target, draw)
 
     def _transform(self, image: tv_tensors.Image, target: Target, draw: int) -> tuple[tv_tensors.Image, Target]:
-        if self.transforms is None:
+        transforms = self.transforms
+        if isinstance(transforms, StagedTransforms):
+            transforms = transforms.at(self.epoch)
+        if transforms is None:
             return image, target
         # fork_rng restores the CPU generator afterwards: the caller's stream (the training loop's, with
         # num_workers = 0) does not move with the data. Only the CPU generator is reseeded (torch.manual_seed
         # would reseed every GPU too, and fork_rng(devices=[]) would not restore them).
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, draw))
-            return self.transforms(image, target)
+            return transforms(image, target)
 
     def _load(self, idx: int) -> tuple[tv_tensors.Image, Target]:
         rec = self.records[idx]

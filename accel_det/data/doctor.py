@@ -42,8 +42,9 @@ from .images import UNREADABLE_ERRORS, load_image
 
 Severity = Literal["fatal", "skipped", "fixed", "info"]
 SEVERITIES: tuple[Severity, ...] = ("fatal", "skipped", "fixed", "info")
-Split = Literal["train", "val"]
-SPLITS: tuple[Split, ...] = ("train", "val")
+# with [data.mix], "train" holds both training sets (build_dataset's MixedDataset) and "val2" is the second val
+Split = Literal["train", "val", "val2"]
+SPLITS: tuple[Split, ...] = ("train", "val", "val2")
 Progress = Callable[[str, int, int], None]  # (split, images decoded, images in the split)
 
 # Every kind a finding can have, in table order within a severity: fatal split problems, the readers' kinds
@@ -205,8 +206,11 @@ def check_data(recipe: Recipe, workers: int | None = None, progress: Progress | 
     splits: dict[str, SplitReport] = {}
     datasets: dict[str, DetectionDataset] = {}
     for split in SPLITS:
-        where = data.train if split == "train" else data.val
-        splits[split] = SplitReport(split, data.format, str(Path(data.root) / where))
+        if split == "val2" and data.mix is None:
+            continue
+        table: Any = data.mix if split == "val2" else data
+        where = table.train if split == "train" else table.val
+        splits[split] = SplitReport(split, table.format, str(Path(table.root) / where))
         try:
             ds = build_dataset(lenient, split)
         except DataError as exc:

@@ -2,11 +2,16 @@
 
 Samples are ``(tv_tensors.Image, target)``; v2 transforms the Image and the BoundingBoxes and passes the
 plain tensors (labels, difficult) and python values (image_id, orig_size) through untouched.
+
+Model input. Every image ends as an ``img_dim`` square: stretched (the default; what FaceBoxes/SSD train
+with) or, with ``data.letterbox``, scaled by one factor and padded centred with the mean colour (MindYOLO's
+``rect``). ``to_original`` maps boxes in model-input pixels back to the original image for either.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,20 +20,31 @@ from torch.utils._pytree import tree_flatten
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-# Applied in this order whatever the recipe's order: colour first (it works on the original pixels),
-# then SSD's zoom-out (expand onto a mean-colour canvas) before the IoU crop, so crops can also come from
-# the zoomed-out canvas (the SSD paper's recipe), then the flip.
-AUGMENT_ORDER = ("photometric", "zoom_out", "iou_crop", "hflip")
+from accel_det.config_data import AUGMENTS
 
-# ImageNet mean in uint8: zoom-out fills with it so the padding looks like "average image", not black.
+# Applied in this order whatever the recipe's order (config_data.Augment lists them so): colour first (it
+# works on the original pixels), then SSD's zoom-out (expand onto a mean-colour canvas) before the IoU crop, so
+# crops can also come from the zoomed-out canvas (the SSD paper's recipe), then the scale jitter of what is
+# left, then the flips.
+AUGMENT_ORDER: tuple[str, ...] = AUGMENTS
+
+# ImageNet mean in uint8: zoom-out, scale jitter and letterbox fill with it so the padding looks like "average
+# image", not black.
 MEAN_RGB = (123, 117, 104)
 MEAN_GRAY = 117
+
+# scale_jitter: YOLO's random scale gain (hyp "scale: 0.5")
+SCALE_RANGE = (0.5, 1.5)
 
 
 def sanitize_labels_getter(sample: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The tensors SanitizeBoundingBoxes must filter together with the boxes."""
     target = sample[1]
     return target["labels"], target["difficult"]
+
+
+def _sample_of(inputs: tuple[Any, ...]) -> Any:
+    return inputs if len(inputs) > 1 else inputs[0]
 
 
 class IoUCropIfBoxes(nn.Module):
@@ -40,31 +56,116 @@ class IoUCropIfBoxes(nn.Module):
         self.crop = v2.RandomIoUCrop()
 
     def forward(self, *inputs: Any) -> Any:
-        sample = inputs if len(inputs) > 1 else inputs[0]
-        leaves, _ = tree_flatten(sample)
+        leaves, _ = tree_flatten(_sample_of(inputs))
         boxes = [x for x in leaves if isinstance(x, tv_tensors.BoundingBoxes)]
         if not boxes or boxes[0].shape[0] == 0:
-            return sample
+            return _sample_of(inputs)
         return self.crop(*inputs)
 
 
+@dataclass(frozen=True)
+class LetterboxGeometry:
+    """Where an ``h x w`` image lands in the ``img_dim`` square: resized to ``new_h x new_w`` (one scale,
+    rounded to whole pixels), then ``top``/``left`` pixels of padding before it."""
+
+    new_h: int
+    new_w: int
+    top: int
+    left: int
+
+    @staticmethod
+    def of(orig_hw: tuple[int, int], img_dim: int) -> LetterboxGeometry:
+        h, w = orig_hw
+        scale = min(img_dim / h, img_dim / w)
+        new_h = min(img_dim, max(1, round(h * scale)))
+        new_w = min(img_dim, max(1, round(w * scale)))
+        return LetterboxGeometry(new_h, new_w, (img_dim - new_h) // 2, (img_dim - new_w) // 2)
+
+
+class Letterbox(nn.Module):
+    """Scale to fit ``img_dim`` keeping the aspect ratio, pad centred to the square with ``fill``."""
+
+    def __init__(self, img_dim: int, fill: int | tuple[int, ...]) -> None:
+        super().__init__()
+        self.img_dim = img_dim
+        self.fill = {tv_tensors.Image: fill, "others": 0}
+
+    def forward(self, *inputs: Any) -> Any:
+        leaves, _ = tree_flatten(_sample_of(inputs))
+        # v2's rule: the Image, or else the first plain tensor, is the image
+        image = next((x for x in leaves if isinstance(x, tv_tensors.Image)), None)
+        if image is None:
+            image = next(x for x in leaves if type(x) is torch.Tensor)
+        h, w = image.shape[-2:]
+        g = LetterboxGeometry.of((int(h), int(w)), self.img_dim)
+        right, bottom = self.img_dim - g.new_w - g.left, self.img_dim - g.new_h - g.top
+        steps = v2.Compose([
+            v2.Resize((g.new_h, g.new_w), antialias=True),
+            v2.Pad([g.left, g.top, right, bottom], fill=self.fill),
+        ])
+        return steps(*inputs)
+
+
+def to_original(boxes: torch.Tensor, orig_hw: tuple[int, int], img_dim: int, letterbox: bool) -> torch.Tensor:
+    """Boxes (n, 4) xyxy in model-input pixels (the ``img_dim`` square) -> pixels of the ``orig_hw`` image.
+
+    Plain resize: each axis scaled back (as before letterbox existed, no clipping: the input square is the
+    whole image). Letterbox: the padding subtracted, each axis divided by the scale its resize really applied
+    (``new_w / w``, ``new_h / h``: the one scale up to the rounding to whole pixels, and what makes the round
+    trip exact), then clipped to the image, since a box may reach into the padding. Pure: evaluation and
+    ``predict`` both call it."""
+    h, w = orig_hw
+    boxes = boxes.float()
+    if not letterbox:
+        return boxes * boxes.new_tensor([w / img_dim, h / img_dim, w / img_dim, h / img_dim])
+    g = LetterboxGeometry.of((h, w), img_dim)
+    shift = boxes.new_tensor([g.left, g.top, g.left, g.top])
+    scale = boxes.new_tensor([w / g.new_w, h / g.new_h, w / g.new_w, h / g.new_h])
+    out = (boxes - shift) * scale
+    out[:, 0::2] = out[:, 0::2].clamp(0, w)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h)
+    return out
+
+
+def _fill(channels: int) -> int | tuple[int, ...]:
+    return MEAN_GRAY if channels == 1 else MEAN_RGB
+
+
 def _augment(name: str, channels: int) -> nn.Module:
+    fill = {tv_tensors.Image: _fill(channels), "others": 0}
     if name == "photometric":
         return v2.RandomPhotometricDistort(p=0.5)
+    if name == "color_jitter":
+        # YOLO's HSV gains (hsv_v 0.4, hsv_s 0.7, hsv_h 0.015); saturation and hue leave 1-channel images alone
+        return v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.7, hue=0.015)
+    if name == "grayscale":
+        # keeps the channel count, so a batch still stacks
+        return v2.RandomGrayscale(p=0.1)
     if name == "zoom_out":
-        fill = MEAN_GRAY if channels == 1 else MEAN_RGB
-        return v2.RandomZoomOut(fill={tv_tensors.Image: fill, "others": 0}, side_range=(1.0, 4.0), p=0.5)
+        return v2.RandomZoomOut(fill=fill, side_range=(1.0, 4.0), p=0.5)
     if name == "iou_crop":
         return IoUCropIfBoxes()
+    if name == "scale_jitter":
+        # Scale about the centre on the same canvas (YOLO's random scale): objects really change size in the
+        # model input. v2.ScaleJitter/RandomResize change the canvas instead, which the final resize to img_dim
+        # would undo. A pure scale maps boxes exactly; parts pushed off the canvas are clipped, and boxes left
+        # without area are dropped by SanitizeBoundingBoxes.
+        return v2.RandomAffine(degrees=0.0, scale=SCALE_RANGE, interpolation=v2.InterpolationMode.BILINEAR,
+                               fill=fill)
     if name == "hflip":
         return v2.RandomHorizontalFlip(p=0.5)
+    if name == "vflip":
+        return v2.RandomVerticalFlip(p=0.5)
     raise AssertionError(name)  # pragma: no cover - names are checked by build_transforms
 
 
-def build_transforms(train: bool, img_dim: int, augments: Sequence[str], channels: int = 3) -> v2.Compose:
-    """``train``: the named augments (in AUGMENT_ORDER), resize to a square, drop degenerate boxes.
-    Val: the resize only; every ground-truth box survives, degenerate or not, because the evaluator
-    needs them all (and flags, not drops, difficult ones)."""
+def build_transforms(
+    train: bool, img_dim: int, augments: Sequence[str], channels: int = 3, letterbox: bool = False
+) -> v2.Compose:
+    """``train``: the named augments (in AUGMENT_ORDER), to the ``img_dim`` square, drop degenerate boxes.
+    Val: to the square only; every ground-truth box survives, degenerate or not, because the evaluator needs
+    them all (and flags, not drops, difficult ones). ``letterbox``: keep the aspect ratio and pad instead of
+    stretching."""
     unknown = [a for a in augments if a not in AUGMENT_ORDER]
     if unknown:
         raise ValueError(
@@ -73,9 +174,9 @@ def build_transforms(train: bool, img_dim: int, augments: Sequence[str], channel
     steps: list[nn.Module] = []
     if train:
         steps += [_augment(name, channels) for name in AUGMENT_ORDER if name in augments]
-    # A square stretch, not letterbox: what FaceBoxes/SSD train with, and every image of a batch gets the
-    # same shape so collate can stack them. antialias=True keeps small objects from aliasing away.
-    steps.append(v2.Resize((img_dim, img_dim), antialias=True))
+    # Every image of a batch gets the same shape so collate can stack them. antialias=True keeps small objects
+    # from aliasing away.
+    steps.append(Letterbox(img_dim, _fill(channels)) if letterbox else v2.Resize((img_dim, img_dim), antialias=True))
     if train:
         steps.append(v2.SanitizeBoundingBoxes(min_size=1, labels_getter=sanitize_labels_getter))
     return v2.Compose(steps)

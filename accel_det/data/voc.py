@@ -40,7 +40,7 @@ from .common import (
     make_record,
     read_lines,
 )
-from .dataset import DetectionDataset, OnBadSample, Transforms
+from .dataset import DetectionDataset, OnBadSample, StagedTransforms, Transforms
 
 
 def read_split(root: Path, split: str) -> list[str]:
@@ -161,7 +161,7 @@ class VOCDetection(DetectionDataset):
         root: str | Path,
         split: str,
         class_names: Sequence[str],
-        transforms: Transforms | None = None,
+        transforms: Transforms | StagedTransforms | None = None,
         keep_difficult: bool = True,
         channels: int = 3,
         *,

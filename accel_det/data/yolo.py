@@ -33,7 +33,7 @@ from .common import (
     make_record,
     read_lines,
 )
-from .dataset import DetectionDataset, OnBadSample, Transforms
+from .dataset import DetectionDataset, OnBadSample, StagedTransforms, Transforms
 
 NORMALISED_MARGIN = 0.01  # rounding slack around [0, 1] before a coordinate counts as "in pixels"
 
@@ -158,7 +158,7 @@ class YOLODetection(DetectionDataset):
         root: str | Path,
         split: str,
         class_names: Sequence[str],
-        transforms: Transforms | None = None,
+        transforms: Transforms | StagedTransforms | None = None,
         channels: int = 3,
         *,
         on_bad_sample: OnBadSample = "error",
