@@ -69,12 +69,22 @@ class NativeModelInfo:
 
     strides: tuple[int, ...]  # of each feature map the heads predict on, in the priors' order
     default_anchors: Callable[[int], dict[str, Any]]  # img_dim -> a complete [model.anchors] table
+    # backbone stages in forward order, the units model.recompute counts (tests/test_native_models.py
+    # checks the nets have these)
+    stages: tuple[str, ...] = ()
 
+
+# Recompute stages. FaceBoxes: the two RDCL convs (each with its max pool) and the three Inceptions, i.e. all
+# of it before the first detection layer. MobileNetV3: ``features`` cut where the stride doubles. ResNet-18:
+# the stem (conv1 + bn1 + relu + maxpool) and layer1..4. The early stages hold the largest activations.
+FACEBOXES_STAGES = ("conv1", "conv2", "inception1", "inception2", "inception3")
+MOBILENET_V3_STAGES = ("features.0-1", "features.2-3", "features.4-6", "features.7-12", "features.13-16")
+RESNET18_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 NATIVE_INFO: dict[str, NativeModelInfo] = {
-    "faceboxes": NativeModelInfo(FACEBOXES_STRIDES, faceboxes_anchors),
-    "ssdlite_mobilenet_v3": NativeModelInfo(SSD_STRIDES, ssd_anchors),
-    "ssdlite_resnet18": NativeModelInfo(SSD_STRIDES, ssd_anchors),
+    "faceboxes": NativeModelInfo(FACEBOXES_STRIDES, faceboxes_anchors, FACEBOXES_STAGES),
+    "ssdlite_mobilenet_v3": NativeModelInfo(SSD_STRIDES, ssd_anchors, MOBILENET_V3_STAGES),
+    "ssdlite_resnet18": NativeModelInfo(SSD_STRIDES, ssd_anchors, RESNET18_STAGES),
 }
 
 

@@ -16,7 +16,7 @@ from torchvision.ops import box_iou
 
 import accel_det.models.faceboxes  # noqa: F401  (registration)
 import accel_det.models.ssd  # noqa: F401
-from accel_det.config import AnchorConfig, load_recipe
+from accel_det.config import AnchorConfig, RecipeError, load_recipe
 from accel_det.losses.multibox import MultiBoxLoss, match
 from accel_det.models.base import MODELS
 from accel_det.models.init import background_bias, init_conf_bias, init_weights
@@ -294,3 +294,102 @@ def test_init_weights_modes() -> None:
     with pytest.raises(ValueError, match="multiple of"):
         init_conf_bias(torch.nn.Conv2d(4, 10, 1), num_classes=3)
     assert background_bias(200, 0.01) == 0.0  # K p >= 1: no valid split, uniform start
+
+
+# ---------------------------------------------------------------------------------- recompute and SyncBN
+
+NATIVE = ["faceboxes", "ssdlite_mobilenet_v3", "ssdlite_resnet18"]
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_recompute_same_loss_gradients_and_bn_stats(name: str) -> None:
+    """Every backbone stage recomputed in backward: the same loss, gradients and BatchNorm buffers (updated
+    once per step, not again by the recomputation)."""
+    from accel_det.catalog import NATIVE_INFO
+    from accel_det.models.recompute import stage_owner
+
+    stages = len(NATIVE_INFO[name].stages)
+    results = []
+    for n in (0, stages):
+        model = build(name, f"model.recompute={n}").train()
+        assert stage_owner(model.net).recompute == n
+        calls = [0]
+        for m in model.net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.register_forward_hook(lambda *_, c=calls: c.__setitem__(0, c[0] + 1))
+        torch.manual_seed(1)
+        saved: list[int] = []  # bytes autograd keeps for backward (a checkpoint keeps its stage's to itself)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t.nbytes) or t, lambda t: t):
+            losses = model(torch.rand(2, 3, 128, 128), targets())
+        sum(losses.values()).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        results.append(
+            ({k: v.detach() for k, v in losses.items()}, grads, dict(model.state_dict()), calls[0], sum(saved))
+        )
+    (l0, g0, s0, calls0, bytes0), (l1, g1, s1, calls1, bytes1) = results
+    assert calls1 > calls0  # the stages really ran again in backward
+    assert bytes1 < 0.7 * bytes0, (bytes0, bytes1)  # ... and their activations were not kept
+    for k in l0:
+        torch.testing.assert_close(l1[k], l0[k], rtol=1e-6, atol=1e-6)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-6, msg=k)
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=1e-6, atol=1e-6, msg=k)
+    tracked = [v for k, v in s1.items() if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(v) == 1 for v in tracked)
+
+
+def test_recompute_stages_match_the_catalog() -> None:
+    from accel_det.catalog import NATIVE_INFO
+    from accel_det.models.recompute import set_recompute, stage_owner
+
+    for name in NATIVE:
+        model = build(name)
+        assert tuple(stage_owner(model.net).stage_names) == NATIVE_INFO[name].stages
+    # MobileNetV3's stages end where the stride doubles: each halves the map (features[0] is the stride-2 stem)
+    taps = MobileNetV3Taps("large")
+    x, sizes, start = torch.rand(1, 3, 64, 64), [], 0
+    for end in taps.stage_ends:
+        x = taps._blocks(start, end, x)
+        sizes.append(x.shape[-1])
+        start = end + 1
+    assert sizes == [32, 16, 8, 4, 2]
+    # built without validation (recipe.model_construct, an edited recipe.json): the builder still says it
+    with pytest.raises(RecipeError, match=r"^model.recompute: 6 but faceboxes has 5 backbone stages \(conv1, "):
+        set_recompute(build("faceboxes").net, 6, "faceboxes")
+    with pytest.raises(RecipeError, match="model.recompute: 6 but ssdlite_resnet18 has 5 backbone stages"):
+        load_recipe(None, ["model.name='ssdlite_resnet18'", "model.recompute=6"])
+
+
+def test_recompute_only_when_training_with_grads() -> None:
+    model = build("faceboxes", "model.recompute=2").eval()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 128, 128))  # no checkpoint in eval: nothing to recompute
+    model.train()
+    with torch.no_grad():
+        loss = sum(model(torch.rand(2, 3, 128, 128), targets()).values())
+    assert not loss.requires_grad
+
+
+def test_convert_sync_bn() -> None:
+    from accel_det.models.sync_bn import convert_sync_bn
+
+    model = build("ssdlite_resnet18")
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    params = {id(p) for p in model.parameters()}
+    keys = set(model.state_dict())
+    same, note = convert_sync_bn(model, 1)
+    assert same is model and note == "model.sync_bn: one process, BatchNorm kept (nothing to synchronise)"
+    same, note = convert_sync_bn(model, 2, torch.device("cpu"))
+    assert same is model and "needs GPUs (running on cpu)" in note and "\n" not in note
+    synced, note = convert_sync_bn(model, 2, "cuda")  # converting needs no process group, nor a GPU
+    assert note == f"model.sync_bn: {n_bn} BatchNorm layers -> SyncBatchNorm over 2 processes"
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn > 0
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    assert {id(p) for p in synced.parameters()} == params  # an optimizer built before still holds them
+    assert set(synced.state_dict()) == keys  # checkpoints load either way
+    # the stages look their modules up per call, so recompute runs the converted ones
+    synced.net.backbone.recompute = 5
+    synced.train()
+    sum(synced(torch.rand(2, 3, 128, 128), targets()).values()).backward()  # no process group: plain BN maths

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from accel_det.catalog import FACEBOXES_STAGES
 from accel_det.config import AnchorConfig, Recipe
 from accel_det.models.base import MODELS
 from accel_det.models.native import AnchorDetector, build_anchor_detector, flatten_heads
+from accel_det.models.recompute import run_stage
 
 
 class BasicConv2d(nn.Module):
@@ -75,6 +77,8 @@ class FaceBoxesNet(nn.Module):
     """Raw FaceBoxes: images -> (loc (N, P, 4), conf (N, P, K+1))."""
 
     strides = (32, 64, 128)
+    # model.recompute's units: RDCL conv1 (+ pool), conv2 (+ pool), inception1..3 (all before the first head)
+    stage_names = FACEBOXES_STAGES
 
     def __init__(self, num_classes: int, num_anchors: list[int], channels: int = 3) -> None:
         super().__init__()
@@ -97,14 +101,22 @@ class FaceBoxesNet(nn.Module):
         self.conf = nn.ModuleList(
             nn.Conv2d(c, a * (num_classes + 1), 3, padding=1) for c, a in zip(cins, num_anchors, strict=True)
         )
+        self.recompute = 0  # the first N stages are recomputed in backward (models/recompute.py)
+
+    def _rdcl1(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
+
+    def _rdcl2(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(self.conv2(x), kernel_size=3, stride=2, padding=1)
 
     def classification_convs(self) -> list[nn.Conv2d]:
         return list(self.conf)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
-        x = F.max_pool2d(self.conv2(x), kernel_size=3, stride=2, padding=1)
-        s1 = self.inception3(self.inception2(self.inception1(x)))
+        # modules looked up per call: a SyncBatchNorm conversion replaces them after __init__
+        for s, stage in enumerate((self._rdcl1, self._rdcl2, self.inception1, self.inception2, self.inception3)):
+            x = run_stage(self, stage, x, s < self.recompute)
+        s1 = x
         s2 = self.conv3_2(self.conv3_1(s1))
         s3 = self.conv4_2(self.conv4_1(s2))
         feats = (s1, s2, s3)

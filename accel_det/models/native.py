@@ -20,6 +20,7 @@ from accel_det.config import AnchorConfig, Recipe
 from accel_det.losses.multibox import MultiBoxLoss
 from accel_det.models.init import init_conf_bias, init_weights
 from accel_det.models.priors import PriorBox
+from accel_det.models.recompute import set_recompute
 from accel_det.ops.boxes import BoxCoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -170,6 +171,7 @@ def build_anchor_detector(
             f"model.anchors.steps = {list(anchors.steps)} but {m.name} has feature strides "
             f"{list(net.strides)}"
         )
+    set_recompute(net, m.recompute, m.name)
     init_weights(net, m.init)
     for conv in net.classification_convs():
         init_conf_bias(conv, recipe.num_classes)

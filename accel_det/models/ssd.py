@@ -11,16 +11,23 @@ Backbone submodules keep torchvision's names: ``net.backbone.`` + a torchvision 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
 from torchvision.models import mobilenet_v3_large, mobilenet_v3_small, resnet18
 from torchvision.ops.misc import Conv2dNormActivation
 
-from accel_det.catalog import SSD_SIZE_FRACTIONS, ssd_anchors  # noqa: F401  (SSD_SIZE_FRACTIONS: re-exported)
+from accel_det.catalog import (  # noqa: F401  (SSD_SIZE_FRACTIONS: re-exported)
+    MOBILENET_V3_STAGES,
+    RESNET18_STAGES,
+    SSD_SIZE_FRACTIONS,
+    ssd_anchors,
+)
 from accel_det.config import AnchorConfig, Recipe
 from accel_det.models.base import MODELS
 from accel_det.models.native import AnchorDetector, build_anchor_detector, flatten_heads
+from accel_det.models.recompute import run_stage
 
 
 def default_ssd_anchors(img_dim: int) -> AnchorConfig:
@@ -66,6 +73,9 @@ class MobileNetV3Taps(nn.Module):
 
     # index of the last block of each stride in torchvision's features (checked by the tests)
     TAPS = {"large": (6, 12, 16), "small": (3, 8, 12)}
+    # index of the last block of each stage (strides 2, 4, 8, 16, 32): model.recompute's units
+    STAGE_ENDS = {"large": (1, 3, 6, 12, 16), "small": (0, 1, 3, 8, 12)}
+    stage_names = MOBILENET_V3_STAGES
 
     def __init__(self, arch: str = "large", channels: int = 3) -> None:
         super().__init__()
@@ -78,18 +88,29 @@ class MobileNetV3Taps(nn.Module):
         self.features = self.features[: self.taps[-1] + 1]
         self.out_channels = [self.features[i].out_channels for i in self.taps]
         self.strides = [8, 16, 32]
+        self.stage_ends = self.STAGE_ENDS[arch]
+        self.recompute = 0  # the first N stages are recomputed in backward (models/recompute.py)
+
+    def _blocks(self, start: int, end: int, x: torch.Tensor) -> torch.Tensor:
+        # indexes self.features at call time: a SyncBatchNorm conversion replaces modules after __init__
+        for i in range(start, end + 1):
+            x = self.features[i](x)
+        return x
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for i, block in enumerate(self.features):
-            x = block(x)
-            if i in self.taps:
+        outs, start = [], 0
+        for s, end in enumerate(self.stage_ends):
+            x = run_stage(self, partial(self._blocks, start, end), x, s < self.recompute)
+            if end in self.taps:
                 outs.append(x)
+            start = end + 1
         return outs
 
 
 class ResNet18Taps(nn.Module):
     """ResNet-18 returning layer2/3/4 (strides 8, 16, 32); no avgpool/fc (unused params upset DDP)."""
+
+    stage_names = RESNET18_STAGES
 
     def __init__(self, channels: int = 3) -> None:
         super().__init__()
@@ -106,12 +127,17 @@ class ResNet18Taps(nn.Module):
         )
         self.out_channels = [128, 256, 512]
         self.strides = [8, 16, 32]
+        self.recompute = 0  # the first N stages are recomputed in backward (models/recompute.py)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
-        c3 = self.layer2(x)
-        c4 = self.layer3(c3)
-        return [c3, c4, self.layer4(c4)]
+        outs = []
+        for s, stage in enumerate((self._stem, self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = run_stage(self, stage, x, s < self.recompute)
+            outs.append(x)
+        return outs[2:]  # layer2, layer3, layer4
 
 
 class SSDLiteNet(nn.Module):

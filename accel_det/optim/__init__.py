@@ -1,4 +1,26 @@
+from accel_det.optim.ema import ModelEMA
+from accel_det.optim.loss_scale import grad_scaler_kwargs
 from accel_det.optim.optimizer import build_optimizer, param_groups
-from accel_det.optim.scheduler import LRFactor, build_scheduler, jump_to_step
+from accel_det.optim.scheduler import (
+    LRFactor,
+    WarmupLR,
+    build_scheduler,
+    current_momentum,
+    group_lrs,
+    jump_to_step,
+    momentum_at,
+)
 
-__all__ = ["LRFactor", "build_optimizer", "build_scheduler", "jump_to_step", "param_groups"]
+__all__ = [
+    "LRFactor",
+    "ModelEMA",
+    "WarmupLR",
+    "build_optimizer",
+    "build_scheduler",
+    "current_momentum",
+    "grad_scaler_kwargs",
+    "group_lrs",
+    "jump_to_step",
+    "momentum_at",
+    "param_groups",
+]

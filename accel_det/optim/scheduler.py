@@ -8,6 +8,12 @@ times per optimizer step (accelerate #2926 / #2318).
 
 Warmup follows detectron2's ``WarmupMultiStepLR``: the warmup factor multiplies the main schedule and the
 milestones count from step 0 (not from the end of warmup).
+
+During warmup two more things ramp linearly, as in YOLO's train loop: the momentum (SGD ``momentum``, Adam
+``betas[0]``) from ``scheduler.warmup_momentum`` to the optimizer's value (a high momentum on the large,
+noisy first gradients overshoots), and, with ``scheduler.warmup_bias_lr > 0``, the LR of the ``bias``
+group from ``warmup_bias_lr`` down (or up) to its scheduled LR (biases are cheap to move and a high early LR
+lets the classifier's background bias settle fast). Both are pure functions of the step, like the LR.
 """
 
 from __future__ import annotations
@@ -64,10 +70,87 @@ class LRFactor:
         return self.warmup(step) * self.main(step)
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: int, max_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """``cfg`` is ``[scheduler]``; epoch-valued milestones/step_size become optimizer steps here."""
+class BiasLRFactor:
+    """The bias group's LR factor: from ``start`` (warmup_bias_lr / base LR) at step 0 linearly to the main
+    schedule's factor at ``warmup_iters`` (YOLO's ``np.interp`` over the warmup), then the main schedule."""
+
+    def __init__(self, main: LRFactor, start: float) -> None:
+        self.main_factor = main
+        self.start = start
+
+    def __call__(self, step: int) -> float:
+        w = self.main_factor.warmup_iters
+        scheduled = self.main_factor.main(step)
+        if step >= w:
+            return scheduled
+        alpha = step / w
+        return self.start * (1 - alpha) + scheduled * alpha
+
+
+def momentum_at(step: int, warmup_iters: int, start: float, target: float) -> float:
+    """The momentum at ``step``: ``start`` ramped linearly to ``target`` over the warmup.
+
+    A ``target`` of 0 (plain SGD, or Adam with beta1 = 0) stays 0: the recipe turned momentum off, and a
+    warmup must not turn it on.
+    """
+    if step >= warmup_iters or target == 0:
+        return target
+    alpha = step / warmup_iters
+    return start * (1 - alpha) + target * alpha
+
+
+class WarmupLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR (one factor per param group) that also sets each group's momentum for the step."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, lr_lambdas: list[Any], warmup_iters: int, warmup_momentum: float
+    ) -> None:
+        # set before LambdaLR.__init__: it takes the first step(), which sets the momentum of step 0
+        self.warmup_iters = warmup_iters
+        self.warmup_momentum = warmup_momentum
+        # the optimizer's own (configured) momentum, read before any step changes it
+        self.base_momentums = [_get_momentum(g) for g in optimizer.param_groups]
+        super().__init__(optimizer, lr_lambdas)
+
+    def step(self, epoch: int | None = None) -> None:  # epoch: torch's deprecated argument, unused
+        super().step()
+        self.set_momentum(self.last_epoch)
+
+    def set_momentum(self, step: int) -> None:
+        for group, target in zip(self.optimizer.param_groups, self.base_momentums, strict=True):
+            if target is not None:
+                _set_momentum(group, momentum_at(step, self.warmup_iters, self.warmup_momentum, target))
+
+
+def _get_momentum(group: dict[str, Any]) -> float | None:
+    if "betas" in group:
+        return float(group["betas"][0])
+    return float(group["momentum"]) if "momentum" in group else None
+
+
+def _set_momentum(group: dict[str, Any], value: float) -> None:
+    if "betas" in group:
+        group["betas"] = (value, group["betas"][1])
+    else:
+        group["momentum"] = value
+
+
+def current_momentum(optimizer: torch.optim.Optimizer) -> float | None:
+    """The first param group's momentum (SGD) or beta1 (Adam/AdamW), for the log; None without one."""
+    return _get_momentum(optimizer.param_groups[0])
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each param group's current LR by its name (``decay``, ``no_decay``, ``bias``; ``group<i>`` unnamed)."""
+    return {str(g.get("name", f"group{i}")): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: int, max_epoch: int) -> WarmupLR:
+    """``cfg`` is ``[scheduler]``; epoch-valued milestones/step_size become optimizer steps here.
+
+    With ``cfg.warmup_bias_lr > 0`` the optimizer must have a ``bias`` group (``build_optimizer(...,
+    bias_group=True)``).
+    """
     factor = LRFactor(
         cfg.name,
         total_steps=steps_per_epoch * max_epoch,
@@ -79,17 +162,29 @@ def build_scheduler(
         warmup_factor=cfg.warmup_factor,
         warmup_method=cfg.warmup_method,
     )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    lambdas: list[Any] = [factor] * len(optimizer.param_groups)
+    if cfg.warmup_bias_lr > 0 and cfg.warmup_iters > 0:
+        names = [g.get("name") for g in optimizer.param_groups]
+        if "bias" not in names:
+            raise ValueError("scheduler.warmup_bias_lr > 0 needs the optimizer built with bias_group=True")
+        i = names.index("bias")
+        # the group's base LR, before LambdaLR records it as initial_lr
+        lambdas[i] = BiasLRFactor(factor, cfg.warmup_bias_lr / optimizer.param_groups[i]["lr"])
+    return WarmupLR(optimizer, lambdas, cfg.warmup_iters, cfg.warmup_momentum)
 
 
 def jump_to_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """Put a freshly built schedule at optimizer step ``step`` (after a resume).
+    """Put a freshly built schedule at optimizer step ``step`` (after a resume, after the optimizer's state
+    was loaded: that state holds the LR and momentum of the step it was saved at, maybe mid-warmup).
 
     The schedule is rebuilt from the recipe rather than restored from the checkpoint, so extending
     ``train.max_epoch`` or moving milestones on resume takes effect (LambdaLR's own state_dict would
-    silently bring back the old ones); the LR is a pure function of the step, so nothing else is needed.
+    silently bring back the old ones); LR and momentum are pure functions of the step, so nothing else is
+    needed.
     """
     scheduler.last_epoch = step
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(step)
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+    if isinstance(scheduler, WarmupLR):
+        scheduler.set_momentum(step)
