@@ -28,6 +28,8 @@ from accel_det.catalog import (
     TORCHVISION_MODELS,
 )
 from accel_det.config_anchors import AnchorConfig, given_anchor_keys, model_anchors
+from accel_det.config_data import DataConfig, MixConfig, StageConfig, SyntheticConfig
+from accel_det.config_train import TrainConfig
 from accel_det.config_types import (
     Factor,
     KeyedError,
@@ -52,9 +54,12 @@ __all__ = [
     "TORCHVISION_MODELS",
     "TRACKERS",
     "AnchorConfig",
+    "DataConfig",
+    "MixConfig",
     "ModelConfig",
     "Recipe",
     "RecipeError",
+    "StageConfig",
     "StrictFloat",
     "StrictInt",
     "SyntheticConfig",
@@ -102,6 +107,10 @@ class ModelConfig(Table):
     loc_loss: Literal["smooth_l1", "l1"] = Field("smooth_l1", description="MultiBox localisation loss")
     neg_pos_ratio: PosFloat = Field(3.0, description="MultiBox hard-negative mining negatives per positive")
     match_iou: Prob = Field(0.35, description="MultiBox: IoU for a prior to match a ground-truth box")
+    sync_bn: StrictBool = Field(False, description="BatchNorm -> SyncBatchNorm with several GPU processes")
+    recompute: NonNegInt = Field(
+        0, description="Native models: recompute the first N backbone stages in backward (less memory)"
+    )
     # Declared after name and img_dim: the validator below reads them from info.data.
     anchors: AnchorConfig | None = Field(
         None,
@@ -136,6 +145,7 @@ class ModelConfig(Table):
             raise ValueError(f"[model.anchors] applies only to native models ({', '.join(NATIVE_MODELS)})")
         if self.name in TORCHVISION_MODELS and self.channels != 3:
             raise ValueError("torchvision detectors take 3-channel images (channels = 3)")
+        self._recompute_fits()
         if self.name in NATIVE_INFO:
             # validate_assignment of name or img_dim runs only this validator: re-derive the unset keys
             given = given_anchor_keys(self.anchors) or {}
@@ -154,68 +164,17 @@ class ModelConfig(Table):
                 )
         return self
 
-
-class SyntheticConfig(Table):
-    num_train: PosInt = Field(320, description="Synthetic training images")
-    num_val: PosInt = Field(64, description="Synthetic validation images")
-    img_size: PosInt = Field(128, description="Synthetic image size (px)")
-    max_objects: PosInt = Field(4, description="At most this many shapes per image")
-    seed: StrictInt = Field(0, description="Generator seed: same seed, same images")
-
-
-class DataConfig(Table):
-    format: Literal["voc", "coco", "yolo", "synthetic"] = Field("synthetic", description="Dataset layout")
-    root: str = Field("data/synthetic_shapes", description="Dataset folder (relative to the working dir)")
-    train: str = Field(
-        "ImageSets/Main/train.txt",
-        description="voc: split file ('' = all); coco: instances JSON; yolo: image dir or list file",
-    )
-    val: str = Field("ImageSets/Main/val.txt", description="Like train, for the validation split")
-    train_images: str = Field("", description="coco: image folder of the train JSON (relative to root)")
-    val_images: str = Field("", description="coco: image folder of the val JSON (relative to root)")
-    class_names: list[str] = Field(
-        default_factory=lambda: ["circle", "square", "triangle"],
-        description="Class names; their order defines labels 1..K",
-    )
-    batch_size: PosInt = Field(16, description="Images per process per step")
-    num_workers: NonNegInt = Field(2, description="DataLoader workers per process")
-    augments: list[Literal["photometric", "zoom_out", "iou_crop", "hflip"]] = Field(
-        default_factory=lambda: ["hflip"], description="Training augments (torchvision.transforms.v2)"
-    )
-    keep_difficult: StrictBool = Field(False, description="voc: train on boxes marked difficult")
-    on_bad_sample: Literal["skip", "error"] = Field(
-        "skip", description="Bad image or annotation entry: 'skip' (drop or replace it, counted) or 'error'"
-    )
-    ignore_classes: list[str] = Field(default_factory=list, description="voc/coco: drop objects of these classes")
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-
-    @field_validator("class_names")
-    @classmethod
-    def _names(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("needs at least one class name")
-        dup = sorted({n for n in v if v.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate class names: {', '.join(dup)}")
-        return v
-
-    @model_validator(mode="after")
-    def _coco_only(self) -> DataConfig:
-        if self.format != "coco" and (self.train_images or self.val_images):
-            raise ValueError("train_images/val_images apply only to format = 'coco'")
-        return self
-
-    @model_validator(mode="after")
-    def _ignored(self) -> DataConfig:
-        both = [n for n in self.ignore_classes if n in self.class_names]
-        if both:
+    def _recompute_fits(self) -> None:
+        if not self.recompute:
+            return
+        if self.name not in NATIVE_INFO:
+            raise KeyedError("recompute", f"applies only to native models ({', '.join(NATIVE_MODELS)})")
+        stages = NATIVE_INFO[self.name].stages
+        if self.recompute > len(stages):
             raise KeyedError(
-                "ignore_classes", f"{', '.join(both)} also in data.class_names: a class is trained or ignored"
+                "recompute",
+                f"{self.recompute} but {self.name} has {len(stages)} backbone stages ({', '.join(stages)})",
             )
-        if self.ignore_classes and self.format == "yolo":
-            # YOLO labels are positions in class_names: an ignored name has no id to match
-            raise KeyedError("ignore_classes", "applies to formats voc and coco (YOLO class ids index class_names)")
-        return self
 
 
 class OptimizerConfig(Table):
@@ -245,6 +204,12 @@ class SchedulerConfig(Table):
     warmup_iters: NonNegInt = Field(0, description="Warmup length in optimizer steps")
     warmup_factor: Factor = Field(0.001, description="LR factor at step 0")
     warmup_method: Literal["linear", "constant"] = Field("linear", description="Warmup shape")
+    warmup_momentum: UnitOpen = Field(
+        0.8, description="SGD momentum (Adam beta1) at step 0, ramped linearly to its value over warmup_iters"
+    )
+    warmup_bias_lr: NonNegFloat = Field(
+        0.0, description="Biases' LR at step 0, ramped linearly to the schedule's over warmup_iters (0 = off)"
+    )
 
     @field_validator("milestones")
     @classmethod
@@ -253,23 +218,11 @@ class SchedulerConfig(Table):
             raise ValueError(f"must be strictly increasing, got {v}")
         return v
 
-
-class TrainConfig(Table):
-    max_epoch: PosInt = Field(30, description="Epochs to train")
-    accumulation_freq: PosInt = Field(1, description="Batches per optimizer step (gradient accumulation)")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
-        "auto", description="'auto' takes the launcher's setting"
-    )
-    gpu_train: Literal["auto"] | StrictBool = Field(
-        "auto", description="true: require a GPU; false: CPU (Accelerator(cpu=True)); 'auto': GPU if visible"
-    )
-    seed: StrictInt = Field(0, description="Seed for torch/numpy/python on every process")
-    clip_grad_norm: NonNegFloat = Field(
-        0.0, description="Max grad norm (0 = off)"
-    )
-    log_freq: PosInt = Field(10, description="Batches between plain log lines when stdout is not a TTY")
-    cudnn_benchmark: StrictBool = Field(True, description="torch.backends.cudnn.benchmark")
-    loss_fp32: StrictBool = Field(True, description="Compute native models' losses in fp32 under autocast")
+    @model_validator(mode="after")
+    def _bias_warmup(self) -> SchedulerConfig:
+        if self.warmup_bias_lr > 0 and self.warmup_iters == 0:
+            raise KeyedError("warmup_bias_lr", "ramps over scheduler.warmup_iters, which is 0")
+        return self
 
 
 class EvalConfig(Table):
@@ -281,6 +234,9 @@ class EvalConfig(Table):
     max_det: PosInt = Field(100, description="Detections kept per image (COCO maxDets[-1])")
     backend: Literal["auto", "faster_coco_eval", "pycocotools"] = Field("auto", description="COCOeval")
     batch_size: PosInt | None = Field(None, description="Eval images per process; default data.batch_size")
+    nms_time_limit: NonNegFloat = Field(
+        0.0, description="Seconds per batch: slower batches are counted, never truncated (0 = off)"
+    )
 
 
 class LogConfig(Table):
@@ -310,13 +266,13 @@ class Recipe(Table):
 
     @model_validator(mode="after")
     def _cross(self) -> Recipe:
-        k = len(self.data.class_names)
+        k = len(self.output_class_names)
         if self.model.num_classes is None:
             self.model.num_classes = k
         elif self.model.num_classes != k:
-            raise ValueError(
-                f"model.num_classes = {self.model.num_classes} but data.class_names has {k} names"
-            )
+            trains = "data.single_cls = true trains 1 class" if self.data.single_cls else (
+                f"data.class_names has {k} names")
+            raise ValueError(f"model.num_classes = {self.model.num_classes} but {trains}")
         if self.scheduler.name == "multistep" and self.scheduler.milestones:
             last = self.scheduler.milestones[-1]
             if last > self.train.max_epoch:
@@ -348,6 +304,12 @@ class Recipe(Table):
     def num_classes(self) -> int:
         assert self.model.num_classes is not None
         return self.model.num_classes
+
+    @property
+    def output_class_names(self) -> list[str]:
+        """The classes the model predicts, labels 1..K in this order: ``data.class_names``, or the one
+        ``data.single_cls_name`` with ``data.single_cls`` (tables, metrics, predictions and exports name these)."""
+        return [self.data.single_cls_name] if self.data.single_cls else list(self.data.class_names)
 
     def run_dir(self) -> Path:
         return Path(self.output.root) / self.mission.name / f"round{self.mission.round}"

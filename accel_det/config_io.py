@@ -320,7 +320,7 @@ def reference_markdown() -> str:
             default = field.get_default(call_default_factory=True)
             ann = _type_name(field.annotation)
             desc = (field.description or "").replace("|", "\\|")
-            dflt = f"`{json.dumps(default, default=str)}`"
+            dflt = "required" if field.is_required() else f"`{json.dumps(default, default=str)}`"
             if model is AnchorConfig:
                 # AnchorConfig's own defaults are FaceBoxes'; in a recipe each native model fills in its own
                 img_dim = ModelConfig.model_fields["img_dim"].default

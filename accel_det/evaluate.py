@@ -18,9 +18,12 @@ from accel_det.errors import run_cli
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] | None = None) -> dict[str, Any] | None:
+    """Score the weights on every val split of the run (``val``; also ``val2`` with ``[data.mix]``); returns
+    the ``val`` metrics on the main process."""
     from rich.console import Console
 
     from accel_det.data import build_dataset, build_val_loader
+    from accel_det.data.builder import eval_splits
     from accel_det.engine.distributed import build_accelerator, main_process_first, write_json_atomic
     from accel_det.engine.evaluator import Evaluator
     from accel_det.engine.run import open_run
@@ -31,22 +34,28 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] |
     accelerator = build_accelerator(recipe)
     if opened.weights.note:
         accelerator.print(f"note: {opened.weights.note}")
-    val_set = main_process_first(accelerator, lambda: build_dataset(recipe, "val"))
-    model, loader = accelerator.prepare(opened.model, build_val_loader(recipe, val_set))
-    out = Evaluator(model, loader, accelerator, recipe, val_set.category_ids)()
-    if out.result is not None:
-        tag = opened.result_tag()
+    splits = eval_splits(recipe)
+    val_sets = main_process_first(accelerator, lambda: [build_dataset(recipe, split) for split in splits])
+    model, *loaders = accelerator.prepare(opened.model, *(build_val_loader(recipe, ds) for ds in val_sets))
+    first = None
+    for split, ds, loader in zip(splits, val_sets, loaders):
+        out = Evaluator(model, loader, accelerator, recipe, ds.category_ids)()
+        if out.result is None:  # not the main process
+            continue
+        first = first or out.result
+        tag = opened.result_tag() + ("" if split == "val" else f"_{split}")
         eval_dir = Path(run_dir) / "eval"
         eval_dir.mkdir(exist_ok=True)
-        meta = {"weights": str(opened.weights.path), "checkpoint": opened.weights.tag,
+        meta = {"weights": str(opened.weights.path), "checkpoint": opened.weights.tag, "split": split,
                 "overrides": list(opened.overrides)}
         write_json_atomic(eval_dir / f"evaluate_{tag}.json", {**meta, **out.result})
         write_json_atomic(eval_dir / f"predictions_evaluate_{tag}.json", out.coco_results())
         console = Console(highlight=False, soft_wrap=True)
-        console.print(metrics_table(out.result, title=f"{recipe.eval.metric}: {opened.weights.path}"))
+        on = "" if split == "val" else f" ({split})"
+        console.print(metrics_table(out.result, title=f"{recipe.eval.metric}{on}: {opened.weights.path}"))
         console.print(f"wrote {eval_dir / f'evaluate_{tag}.json'}", markup=False)
     accelerator.end_training()
-    return out.result
+    return first
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -82,7 +82,7 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
     import torch
     from torchvision.utils import draw_bounding_boxes
 
-    from accel_det.data import eval_transforms, load_image
+    from accel_det.data import eval_transforms, load_image, to_original
     from accel_det.engine.distributed import write_json_atomic
     from accel_det.engine.run import open_run
 
@@ -103,7 +103,7 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create: {exc.strerror or exc}") from None
-    resize, names, dim = eval_transforms(recipe), recipe.data.class_names, recipe.model.img_dim
+    resize, names, dim = eval_transforms(recipe), recipe.output_class_names, recipe.model.img_dim
     results: list[dict[str, Any]] = []
     skipped: list[str] = []
     pngs = drawn_names(items)
@@ -122,10 +122,9 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
             outputs = model(x)
         for (f, png, img), det in zip(batch, outputs):
             h, w = img.shape[-2:]
-            # the model saw the image resized to dim x dim: back to the image's own pixels
-            scale = torch.tensor([w / dim, h / dim, w / dim, h / dim])
+            # the model saw the image resized (or letterboxed) to dim x dim: back to the image's own pixels
             keep = det["scores"].cpu() >= conf
-            boxes = (det["boxes"].cpu().float() * scale)[keep]
+            boxes = to_original(det["boxes"].cpu(), (h, w), dim, recipe.data.letterbox)[keep]
             scores, labels = det["scores"].cpu()[keep], det["labels"].cpu()[keep]
             text = [f"{names[int(lab) - 1]} {float(s):.2f}" for lab, s in zip(labels, scores)]
             rgb = img.as_subclass(torch.Tensor)

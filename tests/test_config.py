@@ -71,6 +71,30 @@ BAD = [
      "model.img_dim: 128 makes the stride-128 feature map of faceboxes 1x1, and BatchNorm cannot train on it "
      "with data.batch_size = 1: use img_dim > 128 or data.batch_size >= 2"),
     ('[model]\nimg_dim = 64\n[data]\nbatch_size = 1\n', "model.img_dim: 64 makes the stride-64 feature map"),
+    # training features (issue 16)
+    ('[model]\nrecompute = 6\n', "model.recompute: 6 but ssdlite_mobilenet_v3 has 5 backbone stages (features.0-1, "),
+    ('[model]\nname = "tv_ssd300_vgg16"\nrecompute = 1\n', "model.recompute: applies only to native models"),
+    ('[model]\nsync_bn = 1\n', "model.sync_bn: Input should be a valid boolean"),
+    ('[scheduler]\nwarmup_momentum = 1.0\n', "scheduler.warmup_momentum: Input should be less than 1"),
+    ('[scheduler]\nwarmup_bias_lr = 0.1\n', "scheduler.warmup_bias_lr: ramps over scheduler.warmup_iters, which is 0"),
+    ('[train.ema]\ndecay = 1.0\n', "train.ema.decay: Input should be less than 1"),
+    ('[train.ema]\ndecay = 0\n', "train.ema.decay: Input should be greater than 0"),
+    ('[train.ema]\nwarmup = -1\n', "train.ema.warmup: Input should be greater than or equal to 0"),
+    ('[train.ema]\nenable = true\n', "train.ema.enable: unknown key (did you mean 'enabled'?)"),
+    ('[train]\nmax_nonfinite = 0\n', "train.max_nonfinite: Input should be greater than 0"),
+    ('[train]\nloss_scale = {init = 0}\n', "train.loss_scale.init: Input should be greater than 0"),
+    ('[train.loss_scale]\ngrowth_interval = 0\n', "train.loss_scale.growth_interval: Input should be greater than 0"),
+    ('[train]\nprofile_steps = [5]\n', "train.profile_steps: must be [] or [start, end] with 0 < start <= end"),
+    ('[train]\nprofile_steps = [5, 3]\n', "train.profile_steps: must be [] or [start, end]"),
+    ('[train]\nprofile_steps = [0, 3]\n', "train.profile_steps.0: Input should be greater than 0"),
+    ('[[train.callbacks]]\ntarget = "nodots"\n',
+     "train.callbacks.0.target: 'nodots' should look like 'package.module:Class'"),
+    ('[[train.callbacks]]\ntarget = "accel_det.engine.hooks:Hook"\n[[train.callbacks]]\ntarget = "no_such_pkg_x.m:C"\n',
+     "train.callbacks.1.target: module 'no_such_pkg_x.m' not found"),
+    ('[[train.callbacks]]\nkwargs = {a = 1}\n', "train.callbacks.0.target: Field required"),
+    ('[[train.callbacks]]\ntarget = "accel_det.engine.hooks:Hook"\nkwarg = {}\n',
+     "train.callbacks.0.kwarg: unknown key"),
+    ('[eval]\nnms_time_limit = -1\n', "eval.nms_time_limit: Input should be greater than or equal to 0"),
     # strict scalars
     ('[train]\nmax_epoch = true\n', "train.max_epoch: Input should be a valid integer"),
     ('[train]\ngpu_train = 1\n', "train.gpu_train: Input should be 'auto' or a valid boolean"),
@@ -120,6 +144,44 @@ def test_reference_lists_every_key() -> None:
     ref = reference_markdown()
     for key in ("mission.name", "model.anchors.min_sizes", "data.synthetic.seed", "eval.backend", "log.trackers"):
         assert f"`{key}`" in ref
+
+
+def test_training_feature_defaults() -> None:
+    r = load_recipe(None)
+    assert (r.model.sync_bn, r.model.recompute) == (False, 0)
+    assert (r.scheduler.warmup_momentum, r.scheduler.warmup_bias_lr) == (0.8, 0.0)
+    assert (r.train.ema.enabled, r.train.ema.decay, r.train.ema.warmup) == (False, 0.9999, 2000.0)
+    assert (r.train.max_nonfinite, r.train.profile_steps, r.train.callbacks) == (20, [], [])
+    assert (r.train.loss_scale.init, r.train.loss_scale.growth_interval) == (65536.0, 2000)
+    assert r.eval.nms_time_limit == 0.0
+    r = load_recipe(None, ["model.name='faceboxes'", "model.recompute=5", "train.profile_steps=[3, 3]",
+                           "train.loss_scale={init = 1024, growth_interval = 10}", "train.ema.warmup=0"])
+    assert r.model.recompute == 5 and r.train.profile_steps == [3, 3] and r.train.loss_scale.init == 1024.0
+
+
+def test_callback_modules_found_without_importing_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module in the working dir (as `python -m` finds it) and a package's submodule, found without running
+    the package's __init__ (a user's package may import torch; `validate` must not)."""
+    from accel_det.config_train import find_target_module, import_target
+
+    (tmp_path / "my_hooks.py").write_text("class Printer:\n    def __init__(self, every=1):\n        self.every=every")
+    (tmp_path / "userpkg" / "sub").mkdir(parents=True)
+    (tmp_path / "userpkg" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    (tmp_path / "userpkg" / "sub" / "__init__.py").write_text("")
+    (tmp_path / "userpkg" / "sub" / "hooks.py").write_text("class H: ...\n")
+    (tmp_path / "bare_folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    text = ('[[train.callbacks]]\ntarget = "my_hooks:Printer"\nkwargs = {every = 5}\n'
+            '[[train.callbacks]]\ntarget = "userpkg.sub.hooks:H"\n')
+    (tmp_path / "r.toml").write_text(text)
+    r = load_recipe(tmp_path / "r.toml")
+    assert [c.target for c in r.train.callbacks] == ["my_hooks:Printer", "userpkg.sub.hooks:H"]
+    assert r.train.callbacks[0].kwargs == {"every": 5}
+    assert "userpkg" not in sys.modules
+    assert find_target_module("userpkg.nope") is None and find_target_module("bare_folder") is None
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert import_target("my_hooks:Printer")(every=5).every == 5
+    sys.modules.pop("my_hooks", None)
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -235,6 +297,11 @@ def test_catalog_matches_the_nets() -> None:
 
 def test_config_and_catalog_do_not_import_torch() -> None:
     code = "import sys, accel_det.config, accel_det.catalog; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    # a callback's module is looked up, not imported
+    code = ("import sys; from accel_det.config import load_recipe; "
+            "load_recipe(None, ['train.callbacks=[{target = \"accel_det.engine.hooks:Hook\"}]']); "
+            "assert 'torch' not in sys.modules and 'accel_det.engine' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

@@ -112,8 +112,8 @@ def test_bf16_autocast_on_cpu_keeps_native_losses_fp32() -> None:
     images = torch.randint(0, 255, (2, 3, 128, 128), dtype=torch.uint8)
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1])}] * 2
     before = [p.detach().clone() for p in model.parameters()]
-    losses = train_step(accelerator, model, optimizer, scheduler, images, targets)
-    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    losses, skipped = train_step(accelerator, model, optimizer, scheduler, images, targets)
+    assert skipped is None and all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -270,3 +270,27 @@ def test_run_clock_eta_counts_remaining_epochs_and_evaluations() -> None:
     clock.add_between(2, 4.0)  # the eval after epoch 2 took 4 s; epochs without eval cost nothing measured
     clock.add_between(3, 0.5)
     assert clock.eta(3, 5) == pytest.approx(5 * 0.5 + 4.0)
+
+
+class _BoxAt(nn.Module):
+    """Detects one box at fixed model-input pixels."""
+
+    def forward(self, images: torch.Tensor, targets: Any = None) -> list[dict[str, torch.Tensor]]:
+        box = torch.tensor([[8.0, 20.0, 40.0, 40.0]])
+        return [{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])} for _ in images]
+
+
+def test_predict_undoes_the_letterbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import accel_det.engine.run as run_module
+    from accel_det.engine.run import OpenedRun, Weights
+    from accel_det.predict import predict
+
+    recipe = load_recipe(None, ["model.img_dim=64", "data.letterbox=true"])
+    opened = OpenedRun(tmp_path, recipe, Weights(tmp_path / "w.safetensors", "final"), _BoxAt())
+    monkeypatch.setattr(run_module, "open_run", lambda *args, **kwargs: opened)
+    from PIL import Image
+
+    Image.new("RGB", (200, 100), (40, 80, 120)).save(tmp_path / "wide.png")
+    (rec,) = predict(tmp_path, [str(tmp_path / "wide.png")], tmp_path / "out", conf=0.5)
+    # 200 x 100 letterboxed into 64: scale 0.32, 64 x 32 content, 16 px of padding above and below
+    assert rec["detections"][0]["box"] == [25.0, 12.5, 125.0, 75.0]

@@ -65,12 +65,14 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_killed_mid_epoch_then_resumed_equals_never_stopped(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "ema"), [(0, False), (2, False), (0, True)])
+def test_killed_mid_epoch_then_resumed_equals_never_stopped(tmp_path: Path, workers: int, ema: bool) -> None:
     data = tmp_path / "data"
-    ov = _overrides(tmp_path / "a", data, **{"data.num_workers": workers})
+    # with EMA, model.safetensors is the average: its state (and update count) must survive the kill too
+    extra = {"data.num_workers": workers, "train.ema": f"{{enabled = {str(ema).lower()}, decay = 0.9, warmup = 2}}"}
+    ov = _overrides(tmp_path / "a", data, **extra)
     _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path / "a"))
-    ov = _overrides(tmp_path / "b", data, **{"data.num_workers": workers})
+    ov = _overrides(tmp_path / "b", data, **extra)
     # killed after step 5: the newest checkpoint is step 4's, one batch into epoch 2
     res = _run([sys.executable, INTERRUPT, "kill", 5, DEMO, *ov], tmp_path / "b")
     assert res.returncode == -signal.SIGKILL
@@ -176,3 +178,27 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path: Path) 
     assert (state["global_step"], state["batch_in_epoch"], state["num_processes"]) == (2, 2, 2)
     _ok(_run([*torchrun(2), "-m", "accel_det.train", DEMO, *ov], tmp_path))
     assert _after_resume(_train_events(tmp_path))[0][:3] == (1, 3, 3)
+
+
+NAN_STEPS = Path(__file__).parent / "dist_scripts" / "nan_steps.py"
+
+
+def test_a_non_finite_loss_on_one_process_is_skipped_by_both(tmp_path: Path) -> None:
+    record = tmp_path / "steps.json"
+    ov = _overrides(tmp_path, tmp_path / "data", **{"data.batch_size": 4, "train.max_epoch": 1})
+    res = _ok(_run([*torchrun(2), NAN_STEPS, 1, 2, 2, record, DEMO, *ov], tmp_path))
+    steps = json.loads(record.read_text())  # the main process's view: its own loss was finite
+    assert [s["skipped"] for s in steps] == [None, "loss", None]
+    assert [s["moved"] for s in steps] == [True, False, True]  # the skipped step left the weights alone
+    log = (tmp_path / "runs" / "demo" / "round1" / "log.txt").read_text()
+    assert "epoch 1 batch 2: non-finite loss, step skipped; images of this process:" in log
+    assert "1 step(s) skipped for non-finite values" in res.stdout
+
+
+def test_non_finite_steps_in_a_row_stop_the_run(tmp_path: Path) -> None:
+    ov = _overrides(tmp_path, tmp_path / "data", **{"train.max_nonfinite": 2, "train.max_epoch": 1,
+                                                    "output.checkpoint_every_steps": 1})
+    res = _ok(_run([sys.executable, NAN_STEPS, 0, 2, 99, tmp_path / "steps.json", DEMO, *ov], tmp_path), rc=1)
+    assert res.stderr.strip().startswith("error: 2 steps in a row had non-finite values (train.max_nonfinite = 2)")
+    root = tmp_path / "runs" / "demo" / "round1" / "checkpoints"
+    assert (root / "last").read_text().strip() == "epoch_0000_step_00000001"  # the last good one

@@ -28,12 +28,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from accel_det.engine.distributed import write_json_atomic
 from accel_det.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
 MID_EPOCH = "_step_"
 
 
@@ -121,7 +123,9 @@ def read_checkpoint_recipe(path: Path) -> dict[str, Any] | None:
 
 def _identity(recipe: dict[str, Any]) -> dict[str, Any]:
     model, data = recipe.get("model") or {}, recipe.get("data") or {}
-    return {"model": model.get("name"), "classes": data.get("class_names"), "channels": model.get("channels", 3),
+    # what the model's outputs mean: one class when trained single-class, whatever names were read
+    classes = [data.get("single_cls_name", "object")] if data.get("single_cls") else data.get("class_names")
+    return {"model": model.get("name"), "classes": classes, "channels": model.get("channels", 3),
             "anchors": model.get("anchors")}
 
 
@@ -159,10 +163,15 @@ def check_same_model(where: Path, saved: dict[str, Any] | None, recipe: Any) -> 
 
 
 class Checkpointer:
-    def __init__(self, accelerator: Accelerator, run_dir: Path, keep_last: int) -> None:
+    """``ema_module``: with ``[train.ema]``, its weights also go into each checkpoint as ``ema.safetensors``, the
+    file ``evaluate``/``predict`` load (accelerate's own copy of the EMA state is for resuming)."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, keep_last: int,
+                 ema_module: torch.nn.Module | None = None) -> None:
         self.accelerator = accelerator
         self.root = run_dir / "checkpoints"
         self.keep_last = keep_last
+        self.ema_module = ema_module
 
     def save(self, name: str, trainer_state: dict[str, Any], is_best: bool = False,
              recipe: dict[str, Any] | None = None) -> Path:
@@ -178,6 +187,10 @@ class Checkpointer:
         if acc.is_main_process:
             if recipe is not None:  # each checkpoint says what model it holds, whatever the run dir says later
                 write_json_atomic(tmp / "recipe.json", recipe)
+            if self.ema_module is not None:
+                from safetensors.torch import save_model
+
+                save_model(self.ema_module, str(tmp / EMA_FILE))
             write_json_atomic(tmp / STATE_FILE, trainer_state)
             _fsync_tree(tmp)
             old = None

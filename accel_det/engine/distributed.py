@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
 from accel_det.errors import AccelDetError, LaunchError, RecipeError, Stopped, world_size
+from accel_det.optim.loss_scale import grad_scaler_kwargs
 from accel_det.trackers import missing_tracker_packages
 
 T = TypeVar("T")
@@ -55,6 +56,8 @@ def build_accelerator(recipe: Any, run_dir: Path | None = None, trackers: list[s
         # resumed or not, and for every process count
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
         step_scheduler_with_optimizer=False,
+        # train.loss_scale: the fp16 grad scaler's start and growth (unused without fp16)
+        kwargs_handlers=[grad_scaler_kwargs(recipe.train.loss_scale)],
     )
     if not accelerator.is_main_process:
         _prefix_warnings(accelerator.process_index)

@@ -8,6 +8,7 @@ checkpoint save is a collective).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
+from accel_det.data.transforms import to_original
 from accel_det.errors import EvaluationError
 
 
@@ -25,39 +27,53 @@ def to_float_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 
+def _seconds(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: wait for them before reading the clock
+    return time.perf_counter()
+
+
 @torch.inference_mode()
-def predict_records(model: nn.Module, loader: Any, accelerator: Accelerator) -> list[dict[str, Any]]:
-    """Run ``model`` over ``loader`` on every process; return all images' records (gathered, deduplicated)."""
+def predict_records(
+    model: nn.Module, loader: Any, accelerator: Accelerator, time_limit: float = 0.0, letterbox: bool = False
+) -> tuple[list[dict[str, Any]], int]:
+    """Run ``model`` over ``loader`` on every process; return all images' records (gathered, deduplicated)
+    and how many of this process's batches took longer than ``time_limit`` seconds (inference + NMS; 0: not
+    timed, so no synchronisation is added). Slow batches are counted, never cut short: truncating NMS
+    silently lowers mAP."""
     was_training = model.training
     model.eval()
     records: list[dict[str, Any]] = []
+    slow = 0
     for images, targets in loader:
         x = to_float_images(images)
+        t0 = _seconds(x.device) if time_limit > 0 else 0.0
         with accelerator.autocast():
             outputs = model(x)
-        in_h, in_w = x.shape[-2:]
+        if time_limit > 0 and _seconds(x.device) - t0 > time_limit:
+            slow += 1
+        img_dim = int(x.shape[-1])
         batch = []
         for out, tgt in zip(outputs, targets):
             if tgt.get("unreadable"):  # a val image that could not be read: left out of the metric, counted
                 batch.append({"image_id": int(tgt["image_id"]), "unreadable": True})
                 continue
             h, w = (int(v) for v in tgt["orig_size"].tolist())
-            # undo the eval resize: scores are computed in original-image pixels
-            scale = torch.tensor([w / in_w, h / in_h, w / in_w, h / in_h], device=out["boxes"].device)
+            # undo the eval resize (or letterbox): scores are computed in original-image pixels
             batch.append({
                 "image_id": int(tgt["image_id"]),
                 "height": h,
                 "width": w,
-                "gt_boxes": (tgt["boxes"].float() * scale).cpu().numpy(),
+                "gt_boxes": to_original(tgt["boxes"], (h, w), img_dim, letterbox).cpu().numpy(),
                 "gt_labels": tgt["labels"].cpu().numpy(),
                 "gt_ignore": tgt["difficult"].cpu().numpy().astype(bool),
-                "boxes": (out["boxes"].float() * scale).cpu().numpy(),
+                "boxes": to_original(out["boxes"], (h, w), img_dim, letterbox).cpu().numpy(),
                 "scores": out["scores"].float().cpu().numpy(),
                 "labels": out["labels"].cpu().numpy(),
             })
         records.extend(accelerator.gather_for_metrics(batch, use_gather_object=True))
     model.train(was_training)
-    return records
+    return records, slow
 
 
 def evaluate(
@@ -72,7 +88,10 @@ def evaluate(
     if accelerator.num_processes > 1:
         for buf in model.buffers():
             torch.distributed.broadcast(buf.data, src=0)
-    records = predict_records(model, loader, accelerator)
+    limit = recipe.eval.nms_time_limit
+    records, slow = predict_records(model, loader, accelerator, limit, recipe.data.letterbox)
+    if limit > 0:
+        slow = int(accelerator.reduce(torch.tensor([slow], device=accelerator.device), "sum").item())
     unreadable = sum(1 for r in records if r.get("unreadable"))
     records = [r for r in records if not r.get("unreadable")]
     result, error = None, ""
@@ -80,7 +99,7 @@ def evaluate(
         try:
             result = evaluate_records(
                 records,
-                recipe.data.class_names,
+                recipe.output_class_names,
                 metric=recipe.eval.metric,
                 backend=recipe.eval.backend,
                 max_det=recipe.eval.max_det,
@@ -90,6 +109,8 @@ def evaluate(
         else:
             if unreadable:
                 result["num_unreadable"] = unreadable
+            if limit > 0:
+                result["slow_batches"] = slow  # over eval.nms_time_limit
     message = [float(result[result["headline"]]) if result else float("nan"), error]
     broadcast_object_list(message, from_process=0)
     value, error = message

@@ -39,6 +39,7 @@ class TrainState:
     # the current epoch's losses so far (already reduced over processes): a mid-epoch resume continues them
     epoch_loss_sums: dict[str, float] = field(default_factory=dict)
     epoch_loss_count: int = 0
+    nonfinite_streak: int = 0  # skipped steps in a row (train.max_nonfinite stops the run)
 
     def to_dict(self, **extra: Any) -> dict[str, Any]:
         return {
@@ -51,6 +52,7 @@ class TrainState:
             "last_metric": self.last_metric,
             "epoch_loss_sums": self.epoch_loss_sums,
             "epoch_loss_count": self.epoch_loss_count,
+            "nonfinite_streak": self.nonfinite_streak,
             **extra,
         }
 
@@ -68,10 +70,12 @@ def is_scorable(value: float | None) -> bool:
 
 
 class EvalHook(Hook):
-    """mAP every ``eval.freq`` epochs and after the last one; decides which epoch is ``best``."""
+    """mAP every ``eval.freq`` epochs and after the last one, on each val split (``val``; ``val2`` with
+    ``[data.mix]``, reported separately); ``val`` decides which epoch is ``best``."""
 
-    def __init__(self, evaluator: Evaluator, eval_cfg: Any, max_epoch: int, run_dir: Path, log: RunLog) -> None:
-        self.evaluator = evaluator
+    def __init__(self, evaluators: dict[str, Evaluator], eval_cfg: Any, max_epoch: int, run_dir: Path,
+                 log: RunLog) -> None:
+        self.evaluators = evaluators
         self.cfg = eval_cfg
         self.max_epoch = max_epoch
         self.eval_dir = run_dir / "eval"
@@ -87,27 +91,42 @@ class EvalHook(Hook):
         state.last_metric, state.last_is_best = None, False
         if not self.due(state.epoch):
             return
-        out = self.evaluator()
-        state.last_metric = out.headline
-        if is_scorable(out.headline):
-            assert out.headline is not None
-            if state.best_metric is None or out.headline > state.best_metric:
-                state.best_metric, state.best_epoch, state.last_is_best = out.headline, state.epoch, True
+        for split, evaluator in self.evaluators.items():
+            out = evaluator()
+            if split == "val":
+                self._best(state, out.headline)
+            if out.result is not None:  # the main process
+                self._report(state, split, out)
+
+    def _best(self, state: TrainState, headline: float | None) -> None:
+        state.last_metric = headline
+        if is_scorable(headline):
+            assert headline is not None
+            if state.best_metric is None or headline > state.best_metric:
+                state.best_metric, state.best_epoch, state.last_is_best = headline, state.epoch, True
         elif not self._said_unscorable:
             self._said_unscorable = True
-            self.log.info(f"note: {self.cfg.metric} is undefined ({out.headline}): the val split has no ground "
+            self.log.info(f"note: {self.cfg.metric} is undefined ({headline}): the val split has no ground "
                           "truth to score, so no checkpoint is marked 'best'")
-        if out.result is None:  # not the main process
-            return
-        tag = f"epoch_{state.epoch:04d}"
+
+    def _report(self, state: TrainState, split: str, out: Any) -> None:
+        result = out.result
+        tag = f"epoch_{state.epoch:04d}" + ("" if split == "val" else f"_{split}")
         self.eval_dir.mkdir(exist_ok=True)
         write_json_atomic(self.eval_dir / f"{tag}.json", {"epoch": state.epoch, "step": state.global_step,
-                                                           **out.result})
+                                                           "split": split, **result})
         write_json_atomic(self.eval_dir / f"predictions_{tag}.json", out.coco_results())
-        self.log.print_table(out.result, title=f"{self.cfg.metric} @ epoch {state.epoch}")
-        flat = {k: v for k, v in out.result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        self.log.event({"event": "eval", "epoch": state.epoch, "step": state.global_step, **flat,
-                        "per_class": out.result.get("per_class")}, step=state.global_step)
+        on = "" if split == "val" else f" ({split})"
+        self.log.print_table(result, title=f"{self.cfg.metric} @ epoch {state.epoch}{on}")
+        if result.get("slow_batches"):
+            self.log.info(f"note{on}: {result['slow_batches']} eval batch(es) took longer than eval.nms_time_limit "
+                          f"= {self.cfg.nms_time_limit} s (inference + NMS; results are complete)")
+        if result.get("num_unreadable"):
+            self.log.info(f"warning{on}: {result['num_unreadable']} val image(s) could not be read and are left "
+                          "out of the metric")
+        flat = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        self.log.event({"event": "eval", "split": split, "epoch": state.epoch, "step": state.global_step, **flat,
+                        "per_class": result.get("per_class")}, step=state.global_step)
 
 
 class CheckpointHook(Hook):
@@ -167,6 +186,19 @@ class BestCheckpointHook(Hook):
             return
         fields = {"best_metric": state.best_metric, "best_epoch": state.best_epoch, "last_metric": state.last_metric}
         self.checkpointer.update(checkpoint_name(state.epoch), fields, is_best=self.save_best and state.last_is_best)
+
+
+class EmaHook(Hook):
+    """The exponential moving average of the weights (``[train.ema]``), updated after every optimizer step
+    that was taken. Each process keeps its own; they stay identical because DDP keeps the weights identical."""
+
+    def __init__(self, ema: Any, accelerator: Accelerator, model: nn.Module) -> None:
+        self.ema = ema
+        self.accelerator = accelerator
+        self.model = model
+
+    def after_step(self, state: TrainState) -> None:
+        self.ema.update(self.accelerator.unwrap_model(self.model))
 
 
 class FinalWeightsHook(Hook):

@@ -69,6 +69,8 @@ class RunLog:
             f.write(json.dumps(strict_json(record), default=_jsonable) + "\n")
         if self.accelerator.trackers:
             kind = record.get("event", "log")
+            if record.get("split") not in (None, "val"):  # val2's numbers beside val's, not over them
+                kind = f"{kind}_{record['split']}"
             scalars = {
                 f"{kind}/{k}": float(v)
                 for k, v in record.items()

@@ -22,7 +22,8 @@ from accel_det.engine.checkpoint import check_same_model, is_complete, read_chec
 from accel_det.errors import CheckpointError, UsageError, WeightsError
 
 KEYWORDS = ("best", "last")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# a checkpoint's EMA weights first (what the run evaluated and kept as best), then accelerate's model file
+WEIGHT_FILES = ("ema.safetensors", "model.safetensors", "pytorch_model.bin")
 
 
 @dataclass

@@ -21,7 +21,8 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from accel_det.config import Recipe
-from accel_det.data import DetectionDataset, build_dataset, build_loaders
+from accel_det.data import DetectionDataset, build_dataset, build_train_loader, build_val_loader
+from accel_det.data.builder import eval_splits
 from accel_det.engine.checkpoint import (
     Checkpointer,
     check_same_model,
@@ -38,18 +39,22 @@ from accel_det.engine.distributed import (
     write_json_atomic,
 )
 from accel_det.engine.evaluator import Evaluator
+from accel_det.engine.extras import ProfilerHook, build_callbacks
 from accel_det.engine.hooks import (
     BestCheckpointHook,
     CheckpointHook,
+    EmaHook,
     EvalHook,
     FinalWeightsHook,
     Hook,
     TrainState,
 )
 from accel_det.engine.progress import RunLog
+from accel_det.engine.summary import model_summary
 from accel_det.errors import CheckpointError, DataError, describe
 from accel_det.models import build_model
-from accel_det.optim import build_optimizer, build_scheduler, jump_to_step
+from accel_det.models.sync_bn import convert_sync_bn
+from accel_det.optim import ModelEMA, build_optimizer, build_scheduler, jump_to_step
 
 
 @dataclass
@@ -124,26 +129,30 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog,
         return None
 
     set_seed(recipe.train.seed)
-    train_set, val_set = _setup_data(recipe, accelerator, log)
-    train_loader, val_loader = build_loaders(recipe, train_set, val_set, seed=recipe.train.seed)
-    model = _setup_model(recipe, log)
-    optimizer = build_optimizer(model, recipe.optimizer)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    train_set, val_sets = _setup_data(recipe, accelerator, log)
+    model = _setup_model(recipe, accelerator, log)
+    optimizer = build_optimizer(model, recipe.optimizer, bias_group=recipe.scheduler.warmup_bias_lr > 0)
+    loaders = [build_train_loader(recipe, train_set), *(build_val_loader(recipe, ds) for ds in val_sets.values())]
+    model, optimizer, train_loader, *val_loaders = accelerator.prepare(model, optimizer, *loaders)
     if len(train_loader) == 0:
         raise DataError(
-            f"{Path(recipe.data.root) / recipe.data.train}: {len(train_set)} training images make no full batch "
-            f"of data.batch_size = {recipe.data.batch_size} per process x {accelerator.num_processes} "
-            "process(es); lower data.batch_size"
+            f"{train_set.source}: {len(train_set)} training images make no full batch of data.batch_size = "
+            f"{recipe.data.batch_size} per process x {accelerator.num_processes} process(es); lower data.batch_size"
         )
     # Same seed everywhere up to here: the same initial weights on every process. Augmentations do not use
     # these generators (each sample draws from its own, seeded by seed, epoch and index: data/dataset.py);
     # anything else random after this point differs per process, as DDP expects.
     set_seed(recipe.train.seed, device_specific=True)
+    ema = None
+    if recipe.train.ema.enabled:
+        ema = ModelEMA(accelerator.unwrap_model(model), recipe.train.ema.decay, recipe.train.ema.warmup)
+        accelerator.register_for_checkpointing(ema)  # in save_state/load_state from now on, resume included
     steps_per_epoch = math.ceil(len(train_loader) / recipe.train.accumulation_freq)
     # Not passed to prepare(): its wrapper would step num_processes times per optimizer step. Not saved in
-    # checkpoints either: the LR is a pure function of global_step, rebuilt from the recipe on resume.
+    # checkpoints either: the LR is a pure function of the schedule step, rebuilt from the recipe on resume.
     scheduler = build_scheduler(optimizer, recipe.scheduler, steps_per_epoch, recipe.train.max_epoch)
-    checkpointer = Checkpointer(accelerator, run_dir, recipe.output.keep_last)
+    checkpointer = Checkpointer(accelerator, run_dir, recipe.output.keep_last,
+                                ema_module=ema.module if ema is not None else None)
     state = TrainState()
     where_now = {"num_processes": accelerator.num_processes, "batch_size": recipe.data.batch_size,
                  "accumulation_freq": recipe.train.accumulation_freq, "steps_per_epoch": steps_per_epoch}
@@ -153,6 +162,7 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog,
         # killed before its first checkpoint: the history so far belongs to a run that starts over
         log.info("restart: this run dir has history but no checkpoint; training starts from scratch")
         log.event({"event": "restart", "epoch": 0, "step": 0})
+    extra_hooks = _setup_extra_hooks(recipe, accelerator, run_dir, log, model, optimizer)
     # written only now: a resume that fails (another model, a corrupt checkpoint) must not replace the
     # recipe of the run it refused to touch
     if accelerator.is_main_process:
@@ -162,26 +172,46 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog,
 
     effective = recipe.data.batch_size * accelerator.num_processes * recipe.train.accumulation_freq
     log.info(
-        f"run dir {run_dir} | {recipe.model.name} | {len(train_set)} train / {len(val_set)} val images | "
+        f"run dir {run_dir} | {recipe.model.name} | {len(train_set)} train / "
+        f"{' + '.join(str(len(ds)) for ds in val_sets.values())} val images | "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision} | batch {recipe.data.batch_size}/process, "
         f"effective {effective} | {steps_per_epoch} optimizer steps/epoch"
     )
-    eval_hook = EvalHook(Evaluator(model, val_loader, accelerator, recipe, val_set.category_ids), recipe.eval,
-                         recipe.train.max_epoch, run_dir, log)
+    log.print_renderable(model_summary(accelerator.unwrap_model(model), optimizer, recipe.model.img_dim))
+
+    # what is evaluated, saved at the end and served: the EMA weights when there are any
+    served = ema.module if ema is not None else model
+    evaluators = {split: Evaluator(served, loader, accelerator, recipe, ds.category_ids)
+                  for (split, ds), loader in zip(val_sets.items(), val_loaders)}
+    eval_hook = EvalHook(evaluators, recipe.eval, recipe.train.max_epoch, run_dir, log)
     checkpoint = CheckpointHook(checkpointer, recipe.output, recipe.train.max_epoch, len(train_loader),
                                 eval_hook.due, recipe.model_dump(mode="json"),
                                 lambda: {"lr": float(optimizer.param_groups[0]["lr"]), **where_now}, log)
-    # the epoch's checkpoint is written before its evaluation: a failing evaluation loses nothing
     all_hooks = [
-        checkpoint,
+        *([EmaHook(ema, accelerator, model)] if ema is not None else []),  # first: a checkpoint includes it
+        checkpoint,  # the epoch's checkpoint is written before its evaluation: a failing one loses nothing
         eval_hook,
         BestCheckpointHook(checkpointer, recipe.output.save_best, eval_hook.due),
-        FinalWeightsHook(accelerator, model, run_dir),
+        FinalWeightsHook(accelerator, served, run_dir),
+        *extra_hooks,
         *hooks,
     ]
-    return Run(recipe, accelerator, run_dir, log, model, optimizer, scheduler, train_set, train_loader, val_loader,
-               state, eval_hook.due, all_hooks, checkpoint, lock)
+    return Run(recipe, accelerator, run_dir, log, model, optimizer, scheduler, train_set, train_loader,
+               val_loaders[0], state, eval_hook.due, all_hooks, checkpoint, lock)
+
+
+def _setup_extra_hooks(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog, model: nn.Module,
+                       optimizer: Any) -> list[Hook]:
+    """What the recipe switches on: the profiler and the user's callbacks (built here, before anything is
+    written, so a bad callback is a recipe error that leaves the run dir alone)."""
+    hooks: list[Hook] = []
+    if recipe.train.profile_steps:
+        start, end = recipe.train.profile_steps
+        hooks.append(ProfilerHook(start, end, accelerator, run_dir, log))
+    context = {"accelerator": accelerator, "model": model, "optimizer": optimizer, "run_dir": run_dir,
+               "log": log, "recipe": recipe}
+    return [*hooks, *build_callbacks(recipe.train.callbacks, context)]
 
 
 def _setup_resume_point(recipe: Recipe, run_dir: Path) -> ResumePoint | None:
@@ -216,26 +246,33 @@ def _count(ds: DetectionDataset) -> str:
     return f"{len(ds)} images / {ds.num_objects()} objects"
 
 
-def _setup_data(recipe: Recipe, accelerator: Accelerator, log: RunLog) -> tuple[DetectionDataset, DetectionDataset]:
+def _setup_data(recipe: Recipe, accelerator: Accelerator,
+                log: RunLog) -> tuple[DetectionDataset, dict[str, DetectionDataset]]:
+    """The training set (both sets, mixed, with ``[data.mix]``) and the val split(s) by name."""
     # the main process generates/indexes data first (synthetic data is written once, not N times)
-    train_set, val_set = main_process_first(
-        accelerator, lambda: (build_dataset(recipe, "train"), build_dataset(recipe, "val")))
-    data = recipe.data
-    log.info(f"data: train {_count(train_set)}, val {_count(val_set)}")
-    for message in (*getattr(train_set, "warnings", ()), *getattr(val_set, "warnings", ())):
-        log.info(f"warning: {message}")
+    splits = eval_splits(recipe)
+    built = main_process_first(accelerator, lambda: [build_dataset(recipe, s) for s in ("train", *splits)])
+    train_set, val_sets = built[0], dict(zip(splits, built[1:]))
+    log.info("data: " + ", ".join(f"{name} {_count(ds)}" for name, ds in (("train", train_set), *val_sets.items())))
+    for ds in (train_set, *val_sets.values()):
+        for message in ds.warnings:
+            log.info(f"warning: {message}")
     if train_set.num_objects() == 0:
-        raise DataError(f"{Path(data.root) / data.train}: the training split has no objects to learn from "
-                        f"(data.train; {len(train_set)} images, check the annotation files or folder names)")
-    if val_set.num_objects() == 0:
-        log.info(f"warning: {Path(data.root) / data.val}: the val split has no objects: no mAP can be computed")
-    return train_set, val_set
+        raise DataError(f"{train_set.source}: the training split has no objects to learn from (data.train; "
+                        f"{len(train_set)} images, check the annotation files or folder names)")
+    for name, ds in val_sets.items():
+        if ds.num_objects() == 0:
+            log.info(f"warning: {ds.source}: the {name} split has no objects: no mAP can be computed")
+    return train_set, val_sets
 
 
-def _setup_model(recipe: Recipe, log: RunLog) -> nn.Module:
+def _setup_model(recipe: Recipe, accelerator: Accelerator, log: RunLog) -> nn.Module:
     model, load_report = build_model(recipe)
     if load_report is not None:
         log.info(f"weights: {load_report.summary()}")
+    if recipe.model.sync_bn:
+        model, note = convert_sync_bn(model, accelerator.num_processes, accelerator.device)
+        log.info(f"note: {note}")
     return model
 
 
@@ -253,6 +290,7 @@ def _resume(checkpointer: Checkpointer, resume: ResumePoint, state: TrainState, 
     state.epoch_loss_count = int(saved.get("epoch_loss_count", 0))
     state.best_metric, state.best_epoch = saved.get("best_metric"), saved.get("best_epoch")
     state.last_metric = saved.get("last_metric")
+    state.nonfinite_streak = int(saved.get("nonfinite_streak", 0))
     changed = [k for k, v in now.items() if saved.get(k, v) != v]
     if changed:
         # Another process count, batch size or accumulation. The schedule is defined in epochs: re-express the

@@ -7,7 +7,6 @@ schedule counts optimizer steps of one process (optim/scheduler.py). docs/archit
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from accel_det.engine.preempt import StopRequest, terminate_raises
 from accel_det.engine.progress import RunClock, TrainProgress
 from accel_det.engine.setup import Run, setup
 from accel_det.errors import TrainingError, describe
+from accel_det.optim import current_momentum
 
 
 def run_training(recipe: Recipe, hooks: Sequence[Hook] = ()) -> TrainState | None:
@@ -48,6 +48,7 @@ def train(run: Run) -> TrainState:
                     run.train_set.set_epoch(epoch)  # augmentations draw from (seed, epoch, sample index)
                     run.train_loader.set_epoch(epoch)  # the shuffle
                     where = f"in epoch {epoch + 1}/{max_epoch}"
+                    _log_stage(run, epoch)
                     progress.start_epoch(epoch, state.batch_in_epoch)
                     t0 = time.perf_counter()
                     img_per_s, stopped = train_one_epoch(run, epoch, progress, stop)
@@ -122,14 +123,19 @@ def train_one_epoch(run: Run, epoch: int, progress: TrainProgress, stop: StopReq
     tail = n_batches % accum
     meter = LossMeter(state)
     replaced: list[str] = []
+    skips: list[str] = []
     images_seen = window_images = 0  # over all processes
     t_window = t_epoch = time.perf_counter()
     for i, (images, targets) in enumerate(loader, start=start):
         weight = accum / tail if tail and i >= n_batches - tail else 1.0
-        losses = train_step(acc, run.model, run.optimizer, run.scheduler, images, targets,
-                            clip_grad_norm=recipe.train.clip_grad_norm, loss_weight=weight)
+        losses, skipped = train_step(acc, run.model, run.optimizer, run.scheduler, images, targets,
+                                     clip_grad_norm=recipe.train.clip_grad_norm, loss_weight=weight)
         replaced += [m for t in targets for m in t.get("replaced", ())]
-        meter.add(losses)
+        if skipped:
+            skips.append(_skipped(run, epoch, i, skipped, targets))
+        else:
+            state.nonfinite_streak = 0
+            meter.add(losses)
         images_seen += images.shape[0] * acc.num_processes
         window_images += images.shape[0] * acc.num_processes
         progress.advance(i)
@@ -142,24 +148,57 @@ def train_one_epoch(run: Run, epoch: int, progress: TrainProgress, stop: StopReq
         if meter.count == log_freq or i + 1 == n_batches or (stepped and every and state.global_step % every == 0):
             means = meter.reduce(acc)
             stop.sync()
-            if not math.isfinite(means["loss"]):
-                raise TrainingError(
-                    f"non-finite loss {means} at epoch {epoch + 1}, step {state.global_step}: lower "
-                    "optimizer.lr, raise scheduler.warmup_iters or set train.clip_grad_norm"
-                )
             now = time.perf_counter()
             img_per_s = window_images / max(now - t_window, 1e-9)
             progress.update(epoch, i, means, run.lr(), img_per_s)
+            momentum = current_momentum(run.optimizer)  # it ramps up during warmup too
             run.log.event({"event": "train", "epoch": epoch + 1, "batch": i + 1, "step": state.global_step,
-                           "lr": run.lr(), **means, "img_per_s": round(img_per_s, 2)})
+                           "lr": run.lr(), **({"momentum": momentum} if momentum is not None else {}), **means,
+                           "img_per_s": round(img_per_s, 2)})
             t_window, window_images = now, 0
         if stepped:
-            for hook in run.hooks:
-                hook.after_step(state)
+            if not skipped:  # a skipped step changed nothing: no checkpoint of it, no EMA update
+                for hook in run.hooks:
+                    hook.after_step(state)
             if i + 1 < n_batches and stop.should_stop():
                 return images_seen / max(time.perf_counter() - t_epoch, 1e-9), True
     _report_replaced(run, epoch, replaced)
+    if skips:
+        run.log.info(f"warning: epoch {epoch + 1}: {len(skips)} step(s) skipped for non-finite values")
     return images_seen / max(time.perf_counter() - t_epoch, 1e-9), False
+
+
+def _log_stage(run: Run, epoch: int) -> None:
+    """``[[data.stages]]``: say which stage an epoch is in when it starts one (or the run starts in one)."""
+    data = run.recipe.data
+    if not data.stages:
+        return
+    index, augments = data.stage_of(epoch)
+    if epoch == run.state.epoch or index != data.stage_of(epoch - 1)[0]:
+        run.log.info(f"stage {index + 1}/{len(data.stages)} from epoch {epoch + 1}: augments "
+                     f"{', '.join(augments) or 'none (resize only)'}")
+
+
+def _skipped(run: Run, epoch: int, batch: int, why: str, targets: list[dict[str, Any]]) -> str:
+    """Log a skipped micro-batch with its images; stop after train.max_nonfinite in a row (the last good
+    checkpoint stays the newest). Every process gets here at the same batch (the skip is decided together)."""
+    state = run.state
+    state.nonfinite_streak += 1
+    files = [str(t.get("file", t["image_id"])) for t in targets]
+    what = {"loss": "non-finite loss", "gradients": "non-finite gradients",
+            "overflow": "fp16 overflow (the grad scaler lowers its scale)"}[why]
+    message = f"epoch {epoch + 1} batch {batch + 1}: {what}, step skipped; images of this process: {', '.join(files)}"
+    run.log.info(f"warning: {message}")
+    run.log.event({"event": "skipped_step", "epoch": epoch + 1, "batch": batch + 1, "step": state.global_step,
+                   "why": why, "files": files})
+    limit = run.recipe.train.max_nonfinite
+    if why != "overflow" and state.nonfinite_streak >= limit:
+        raise TrainingError(
+            f"{state.nonfinite_streak} steps in a row had non-finite values (train.max_nonfinite = {limit}), "
+            f"the last at epoch {epoch + 1}, batch {batch + 1}: lower optimizer.lr, raise scheduler.warmup_iters "
+            "or set train.clip_grad_norm; the newest checkpoint is from before"
+        )
+    return message
 
 
 def _report_replaced(run: Run, epoch: int, replaced: list[str]) -> None:
@@ -173,6 +212,15 @@ def _report_replaced(run: Run, epoch: int, replaced: list[str]) -> None:
         run.log.event({"event": "bad_samples", "epoch": epoch + 1, "count": len(found), "samples": found[:100]})
 
 
+def _any_process(accelerator: Accelerator, flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a bool tensor) is true on any process: one host sync, and with several processes a
+    tiny all-reduce, so that every process takes the same branch (a backward that only some processes run
+    would leave the others waiting in DDP's all-reduce)."""
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag.float().reshape(1), "sum") > 0
+    return bool(flag)
+
+
 def train_step(
     accelerator: Accelerator,
     model: nn.Module,
@@ -183,18 +231,34 @@ def train_step(
     *,
     clip_grad_norm: float = 0.0,
     loss_weight: float = 1.0,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], str | None]:
     """One micro-batch: forward, backward and, when the accumulation window closes, clip, optimizer and
-    scheduler step. Returns the detached losses (``loss`` = their sum)."""
+    scheduler step. Returns the detached losses (``loss`` = their sum) and why the step was skipped, if it
+    was: "loss" (not finite on some process: no process runs the backward), "gradients" (not finite after
+    the all-reduce, identical on every process: no optimizer step), "overflow" (fp16: the grad scaler's own
+    skip, counted, not fought). A skipped last micro-batch of an accumulation window drops the window: its
+    earlier micro-batches' gradients were never all-reduced."""
+    skipped = None
     with accelerator.accumulate(model):
         losses = model(to_float_images(images), targets)
         loss = sum(losses.values())
-        accelerator.backward(loss * loss_weight if loss_weight != 1.0 else loss)
-        if accelerator.sync_gradients and clip_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        # a no-op inside the accumulation window (accelerate's optimizer wrapper checks sync_gradients)
-        optimizer.step()
+        if _any_process(accelerator, ~torch.isfinite(loss.detach())):
+            skipped = "loss"
+        else:
+            accelerator.backward(loss * loss_weight if loss_weight != 1.0 else loss)
+            if accelerator.sync_gradients and accelerator.scaler is None:
+                # the norm of the all-reduced gradients (clip with max_norm = inf only measures it)
+                norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm or float("inf"))
+                if not bool(torch.isfinite(norm)):
+                    skipped = "gradients"
+            elif accelerator.sync_gradients and clip_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            if skipped is None:
+                # a no-op inside the accumulation window (accelerate's optimizer wrapper checks sync_gradients)
+                optimizer.step()
+                if accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
+                    skipped = "overflow"
         optimizer.zero_grad(set_to_none=True)
     if accelerator.sync_gradients:
-        scheduler.step()
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+        scheduler.step()  # the schedule counts step positions, skipped or not
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}, skipped
