@@ -337,7 +337,8 @@ def test_build_datasets_and_loaders(tmp_path: Path) -> None:
     images, targets = next(iter(train_loader))
     assert type(images) is torch.Tensor and images.dtype == torch.uint8 and images.shape == (4, 3, 48, 48)
     for t in targets:
-        assert all(type(v) is torch.Tensor for v in t.values())
+        # plain tensors (no tv_tensors subclass past the batch boundary), and the file it came from
+        assert all(type(v) is torch.Tensor for k, v in t.items() if k != "file") and Path(t["file"]).is_file()
         assert t["boxes"].dtype == torch.float32 and t["boxes"].shape[1:] == (4,)
         assert t["labels"].dtype == torch.int64 and t["labels"].shape == t["difficult"].shape
         assert ((t["labels"] >= 1) & (t["labels"] <= 3)).all() and t["difficult"].dtype == torch.bool

@@ -98,3 +98,8 @@ def test_every_seed_feature_on_trains_evaluates_and_predicts(tmp_path: Path) -> 
     run([sys.executable, "-m", "accel_det.predict", run_dir, image, "--out", tmp_path / "preds", "--conf", "0"],
         tmp_path)
     assert json.loads((tmp_path / "preds" / "predictions.json").read_text())[0]["detections"]
+
+    # one more epoch: the resumed run starts in the right stage, and says so
+    res = run([sys.executable, "-m", "accel_det.train", DEMO, *_everything(tmp_path), "train.max_epoch=3",
+               "eval.compute_map=false"], tmp_path)
+    assert "resumed from" in res.stdout and "stage 2/2 from epoch 3: augments hflip, scale_jitter" in res.stdout

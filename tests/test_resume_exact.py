@@ -192,6 +192,7 @@ def test_a_non_finite_loss_on_one_process_is_skipped_by_both(tmp_path: Path) -> 
     assert [s["moved"] for s in steps] == [True, False, True]  # the skipped step left the weights alone
     log = (tmp_path / "runs" / "demo" / "round1" / "log.txt").read_text()
     assert "epoch 1 batch 2: non-finite loss, step skipped; images of this process:" in log
+    assert ".png" in log.split("images of this process:")[1].splitlines()[0]  # named by their files
     assert "1 step(s) skipped for non-finite values" in res.stdout
 
 

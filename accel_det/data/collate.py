@@ -37,6 +37,8 @@ def collate_fn(batch: Sequence[tuple[Any, dict[str, Any]]]) -> Batch:
             "image_id": torch.tensor(int(t["image_id"]), dtype=torch.int64),
             "orig_size": torch.tensor(tuple(int(v) for v in t["orig_size"]), dtype=torch.int64),
         }
+        if "file" in t:  # the image file, for messages about this sample
+            out["file"] = str(t["file"])
         if t.get("replaced"):
             out["replaced"] = [str(m) for m in t["replaced"]]
         if t.get("unreadable"):

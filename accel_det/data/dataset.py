@@ -236,6 +236,7 @@ class DetectionDataset(Dataset):
             "difficult": torch.zeros(0, dtype=torch.bool),
             "image_id": self.records[idx].image_id,
             "orig_size": (1, 1),
+            "file": str(self.records[idx].path),
         }
         image, target = self._transform(image, target, idx)
         target["unreadable"] = True
@@ -280,6 +281,7 @@ class DetectionDataset(Dataset):
             "difficult": torch.from_numpy(difficult.copy()),
             "image_id": rec.image_id,
             "orig_size": (int(h), int(w)),
+            "file": str(rec.path),  # what the trainer names when a batch goes wrong
         }
         return image, target
 
