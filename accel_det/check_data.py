@@ -84,6 +84,8 @@ def print_report(console: Console, report: DoctorReport, root: Path) -> None:
             files = ", ".join(_short(p, root) for p in f.files[:FIRST_FILES])
             if len(f.files) > FIRST_FILES:
                 files += f" and {len(f.files) - FIRST_FILES} more"
+            if f.severity == "fatal":  # what is wrong matters more than where: e.g. which class names
+                files = _short(f.details[0], root) if f.details else files
             table.add_row(Text(f.description), f.split, Text(f.severity, style=SEVERITY_STYLE[f.severity]),
                           str(f.count), Text(f.action), Text(files))  # fmt: skip
         console.print(table)

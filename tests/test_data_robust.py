@@ -26,7 +26,7 @@ from accel_det.data import (
     build_dataset,
     build_transforms,
     collate_fn,
-    seed_worker,
+    worker_init,
 )
 from accel_det.errors import DataError
 
@@ -78,7 +78,7 @@ def _kinds(ds: DetectionDataset) -> dict[str, list[tuple[str, str]]]:
 def _iterate(ds: DetectionDataset, workers: int, batch_size: int = 2) -> list[dict]:
     """Every target of one pass over ``ds`` in order, images attached under "image"."""
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
-                        worker_init_fn=seed_worker)  # fmt: skip
+                        worker_init_fn=worker_init)  # fmt: skip
     out = []
     for images, targets in loader:
         for image, target in zip(images, targets):
@@ -130,10 +130,10 @@ def test_draws_do_not_depend_on_workers_order_or_batches(tmp_path: Path) -> None
     loaders = [
         DataLoader(ds, batch_size=3, num_workers=0, collate_fn=collate_fn),
         DataLoader(ds, batch_size=4, shuffle=True, generator=gen, num_workers=1, collate_fn=collate_fn,
-                   worker_init_fn=seed_worker),
+                   worker_init_fn=worker_init),
         # persistent workers started in epoch 0 must see set_epoch(1) too
         DataLoader(ds, batch_size=5, sampler=list(reversed(range(len(ds)))), num_workers=2, collate_fn=collate_fn,
-                   persistent_workers=True, worker_init_fn=seed_worker),
+                   persistent_workers=True, worker_init_fn=worker_init),
     ]  # fmt: skip
     for epoch in (0, 1, 0):
         ds.set_epoch(epoch)
@@ -143,7 +143,7 @@ def test_draws_do_not_depend_on_workers_order_or_batches(tmp_path: Path) -> None
 
 
 def test_workers_ignore_sigint_and_sigterm() -> None:
-    loader = DataLoader(_Signals(), batch_size=1, num_workers=2, worker_init_fn=seed_worker, persistent_workers=True)
+    loader = DataLoader(_Signals(), batch_size=1, num_workers=2, worker_init_fn=worker_init, persistent_workers=True)
     it = iter(loader)
     first = next(it)
     for worker in it._workers:  # what Ctrl-C or SLURM's scancel send to the whole process group

@@ -306,7 +306,10 @@ def _fatal_voc(root: Path) -> tuple[str, str, dict, dict]:
     _ok_voc(root, ["dog"], [("dog", (2, 2, 10, 10))])
     (root / "train.txt").write_text("a\nb\ndog\n")
     (root / "val.txt").write_text("a\nb\n")
-    return "train.txt", "val.txt", {("unknown_class", "stops the run"): (1, "train.txt")}, {}
+    # the unknown name stops training; the split is still scanned with it ignored, so its other problems show
+    return "train.txt", "val.txt", {("unknown_class", "stops the run"): (1, "train.txt"),
+                                    ("ignored_class", "object dropped"): (1, "dog.xml"),
+                                    ("empty_image", "kept as negative"): (1, "dog.png")}, {}
 
 
 def _fatal_coco(root: Path) -> tuple[str, str, dict, dict]:
@@ -337,7 +340,8 @@ def test_fatal_findings_exit_1_and_the_other_split_is_scanned(
     report = _doctor(capfd, _recipe(tmp_path, fmt, root, train, val), rc=1)
     _check(_rows(report, "train"), train_rows)
     _check(_rows(report, "val"), val_rows)
-    assert all(f["severity"] == "fatal" for f in report["findings"])
+    assert {f["kind"] for f in report["findings"] if f["severity"] == "fatal"} == {
+        kind for kind, action in (*train_rows, *val_rows) if action == "stops the run"}
     if fmt == "voc":  # the val split was indexed and decoded although train is unusable
         assert report["splits"]["val"] | {"findings": None} == {
             "format": "voc", "source": str(root / "val.txt"), "images": 2, "readable": 2, "objects": 2,

@@ -174,11 +174,27 @@ def test_resolve_falls_back_to_the_newest_complete_checkpoint(tmp_path: Path) ->
         (root / name / "trainer_state.json").write_text("{}")
     (root / "last").write_text("epoch_0003\n")  # a crash between the renames of epoch 3's save
     notes: list[str] = []
-    assert resolve_checkpoint(tmp_path, "auto", notes) == root / "epoch_0002"
+    assert resolve_checkpoint(tmp_path, "last", notes) == root / "epoch_0002"
     assert "not a complete checkpoint" in notes[0]
+    assert resolve_checkpoint(tmp_path, "auto") == root / "epoch_0002"
+    (root / "last").write_text("epoch_0001\n")  # a crash after epoch 2's rename, before its pointer moved
+    assert resolve_checkpoint(tmp_path, "auto") == root / "epoch_0002"
+    assert resolve_checkpoint(tmp_path, "last") == root / "epoch_0001"
     (root / "last").unlink()  # killed before the first pointer was written
     assert resolve_checkpoint(tmp_path, "auto") == root / "epoch_0002"
     assert resolve_checkpoint(tmp_path / "elsewhere", "auto") is None
+
+
+def test_an_interrupted_resave_is_put_back(tmp_path: Path) -> None:
+    from accel_det.engine.checkpoint import recover_interrupted_save
+
+    root = tmp_path / "checkpoints"
+    (root / ".epoch_0002.old-ab12cd34").mkdir(parents=True)  # the old copy, moved aside; the new one never came
+    (root / ".epoch_0002.old-ab12cd34" / "trainer_state.json").write_text("{}")
+    (root / ".epoch_0001.old-ffffffff").mkdir()  # an old copy whose name was re-saved: nothing to put back
+    (root / "epoch_0001").mkdir()
+    assert recover_interrupted_save(root) == ["epoch_0002"]
+    assert resolve_checkpoint(tmp_path, "auto") == root / "epoch_0002"
 
 
 def test_postprocess_on_hand_made_priors() -> None:

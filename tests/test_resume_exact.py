@@ -87,7 +87,8 @@ def test_killed_mid_epoch_then_resumed_equals_never_stopped(tmp_path: Path, work
 
 def test_two_processes_killed_then_resumed_equal_never_stopped(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    extra = {"data.batch_size": 4}  # 2 x 4: still 3 steps per epoch
+    # 2 x 4: still 3 steps per epoch; EMA on: one average per process, restored on each
+    extra = {"data.batch_size": 4, "train.ema": "{enabled = true, decay = 0.9, warmup = 2}"}
     _ok(_run([*torchrun(2), "-m", "accel_det.train", DEMO, *_overrides(tmp_path / "a", data, **extra)],
              tmp_path / "a"))
     ov = _overrides(tmp_path / "b", data, **extra)
@@ -188,11 +189,14 @@ def test_a_non_finite_loss_on_one_process_is_skipped_by_both(tmp_path: Path) -> 
     ov = _overrides(tmp_path, tmp_path / "data", **{"data.batch_size": 4, "train.max_epoch": 1})
     res = _ok(_run([*torchrun(2), NAN_STEPS, 1, 2, 2, record, DEMO, *ov], tmp_path))
     steps = json.loads(record.read_text())  # the main process's view: its own loss was finite
-    assert [s["skipped"] for s in steps] == [None, "loss", None]
+    assert [s["skipped"] for s in steps] == [None, "non_finite", None]
     assert [s["moved"] for s in steps] == [True, False, True]  # the skipped step left the weights alone
-    log = (tmp_path / "runs" / "demo" / "round1" / "log.txt").read_text()
-    assert "epoch 1 batch 2: non-finite loss, step skipped; images of this process:" in log
-    assert ".png" in log.split("images of this process:")[1].splitlines()[0]  # named by their files
+    events = [json.loads(x) for x in (tmp_path / "runs" / "demo" / "round1" / "metrics.jsonl").read_text().splitlines()]
+    (skip,) = [e for e in events if e["event"] == "skipped_step"]
+    # named by the files of the process whose loss it was (rank 1's batch: 4 images), not the main process's
+    assert skip["batch"] == 2 and len(skip["files"]) == 4 and all(f.endswith(".png") for f in skip["files"])
+    first = [e for e in events if e["event"] == "train"][0]
+    assert [e["skipped_steps"] for e in events if e["event"] == "epoch"] == [1] and first["batch"] == 1
     assert "1 step(s) skipped for non-finite values" in res.stdout
 
 
@@ -203,3 +207,52 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path: Path) -> None:
     assert res.stderr.strip().startswith("error: 2 steps in a row had non-finite values (train.max_nonfinite = 2)")
     root = tmp_path / "runs" / "demo" / "round1" / "checkpoints"
     assert (root / "last").read_text().strip() == "epoch_0000_step_00000001"  # the last good one
+
+
+def test_a_killed_run_does_not_leave_its_workers_holding_the_lock(tmp_path: Path) -> None:
+    ov = _overrides(tmp_path, tmp_path / "data", **{"data.num_workers": 2})
+    # no pipes: waiting for output would wait for the orphaned workers too
+    proc = subprocess.run([sys.executable, str(INTERRUPT), "kill", "2", str(DEMO), *ov], cwd=tmp_path,
+                          env=clean_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    # relaunched at once, while the orphaned workers may still be exiting: not "another run is using it"
+    res = _run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path)
+    assert res.returncode == 0 and "another run" not in res.stderr, res.stderr[-2000:]
+
+
+def test_a_signal_inside_a_log_window_keeps_the_logged_losses(tmp_path: Path) -> None:
+    # log_freq 2 and a stop after step 4 (one batch into epoch 2): the resumed run's log lines must cover
+    # the same batches, with the same losses, as the run that never stopped
+    data = tmp_path / "data"
+    extra = {"train.log_freq": 2, "output.checkpoint_every_steps": 0}
+    _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *_overrides(tmp_path / "a", data, **extra)],
+             tmp_path / "a"))
+    ov = _overrides(tmp_path / "b", data, **extra)
+    _ok(_run([sys.executable, INTERRUPT, "term", 4, DEMO, *ov], tmp_path / "b"))
+    _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path / "b"))
+    lines = {}
+    for run_ in ("a", "b"):
+        events = [json.loads(x) for x in (tmp_path / run_ / "runs/demo/round1/metrics.jsonl").read_text().splitlines()]
+        lines[run_] = {(e["event"], e["epoch"], e.get("batch")): e.get("loss") for e in events
+                       if e["event"] in ("train", "epoch") and e["epoch"] == 2}
+    assert lines["a"].keys() == lines["b"].keys()
+    assert lines["b"] == {k: pytest.approx(v, rel=1e-6) for k, v in lines["a"].items()}
+    _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+def test_a_signal_in_the_last_epoch_finishes_the_run(tmp_path: Path) -> None:
+    ov = _overrides(tmp_path, tmp_path / "data", **{"output.checkpoint_every_steps": 0})
+    res = _ok(_run([sys.executable, INTERRUPT, "term", 6, DEMO, *ov], tmp_path))  # after the last step
+    assert "stopped" not in res.stderr and (tmp_path / "runs/demo/round1/model.safetensors").is_file()
+
+
+def test_an_evaluation_failing_after_the_last_epoch_runs_again_on_resume(tmp_path: Path) -> None:
+    ov = _overrides(tmp_path, tmp_path / "data", **{"eval.compute_map": "true", "eval.freq": 1})
+    res = _run([sys.executable, INTERRUPT, "eval_raises", 4, DEMO, *ov], tmp_path)  # epoch 2's evaluation fails
+    run_dir = tmp_path / "runs" / "demo" / "round1"
+    assert res.returncode == 1 and not (run_dir / "model.safetensors").exists()
+    res = _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path))
+    assert "finished" not in res.stdout and "resumed from" in res.stdout
+    assert (run_dir / "eval" / "epoch_0002.json").is_file() and (run_dir / "model.safetensors").is_file()
+    res = _ok(_run([sys.executable, "-m", "accel_det.train", DEMO, *ov], tmp_path))
+    assert "finished (last checkpoint epoch_0002" in res.stdout

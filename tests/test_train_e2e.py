@@ -122,7 +122,7 @@ def test_second_run_on_same_run_dir_is_refused(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "demo" / "round1"
     run_dir.mkdir(parents=True)
     with (run_dir / ".lock").open("a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("host test pid 1\n")
         held.flush()
         res = subprocess.run([sys.executable, "-m", "accel_det.train", str(DEMO), *_overrides(tmp_path)],

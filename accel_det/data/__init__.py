@@ -9,8 +9,8 @@ from .builder import (
     build_val_loader,
     eval_splits,
     eval_transforms,
-    seed_worker,
     train_transforms,
+    worker_init,
 )
 from .coco import COCODetection
 from .collate import collate_fn
@@ -49,7 +49,7 @@ __all__ = [
     "make_synthetic_voc",
     "mix_epoch_length",
     "sample_seed",
-    "seed_worker",
+    "worker_init",
     "to_original",
     "train_transforms",
 ]

@@ -137,17 +137,14 @@ def build_datasets(recipe: Recipe) -> tuple[DetectionDataset | MixedDataset, Det
     return build_dataset(recipe, "train"), build_dataset(recipe, "val")
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` (the name is historical): workers ignore SIGINT and SIGTERM.
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGTERM.
 
     Ctrl-C in a terminal and SLURM's SIGTERM go to the whole process group. The main process handles them
     (it finishes the step, saves a checkpoint and shuts its workers down); a worker they killed first would
     make it fail with "DataLoader worker exited unexpectedly" instead. A worker whose main process dies
-    anyway exits by itself (torch's watchdog checks the parent).
-
-    Nothing is seeded here: augmentations draw from a generator seeded per sample (dataset.py), and torch
-    seeds each worker's torch, numpy and ``random`` on its own. (Until that change, this mixed the
-    launcher's rank into the worker seeds, because the worker streams drove the augmentations.)"""
+    anyway exits by itself (torch's watchdog checks the parent). Nothing needs seeding here: augmentations
+    draw from a generator seeded per sample (dataset.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -177,7 +174,7 @@ def _loader_kwargs(recipe: Recipe) -> dict[str, Any]:
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
-        worker_init_fn=seed_worker,
+        worker_init_fn=worker_init,
     )
 
 

@@ -126,7 +126,9 @@ class UnknownNames:
             f"{name} ({n}, first in {self.first[name]})" if name in self.first else f"{name} ({n})"
             for name, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         )
-        raise fatal("unknown_class", source, f"{source}: {what} {listed}; {hint}")
+        error = fatal("unknown_class", source, f"{source}: {what} {listed}; {hint}")
+        error.names = list(self.counts)  # the data doctor scans again with them ignored
+        raise error
 
 
 def is_hidden(path: Path, root: Path) -> bool:

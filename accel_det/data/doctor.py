@@ -17,20 +17,13 @@ DataLoader will see (a truncated JPEG passes a header read and fails here, as it
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-import signal
-import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 
 from accel_det.config import Recipe
 from accel_det.errors import DataError
@@ -38,14 +31,13 @@ from accel_det.errors import DataError
 from .builder import build_dataset
 from .common import ANNOTATION_DROPPED, IMAGE_DROPPED, OBJECT_DROPPED, PROBLEM_KINDS
 from .dataset import DetectionDataset
-from .images import UNREADABLE_ERRORS, load_image
+from .doctor_images import ImageCheck, Progress, decode_all, default_workers, make_pool
 
 Severity = Literal["fatal", "skipped", "fixed", "info"]
 SEVERITIES: tuple[Severity, ...] = ("fatal", "skipped", "fixed", "info")
 # with [data.mix], "train" holds both training sets (build_dataset's MixedDataset) and "val2" is the second val
 Split = Literal["train", "val", "val2"]
 SPLITS: tuple[Split, ...] = ("train", "val", "val2")
-Progress = Callable[[str, int, int], None]  # (split, images decoded, images in the split)
 
 # Every kind a finding can have, in table order within a severity: fatal split problems, the readers' kinds
 # (common.PROBLEM_KINDS), then what only decoding finds.
@@ -85,35 +77,7 @@ SEVERITY_OF: dict[str, Severity] = {
 # reader problems that are ``note``s, never ``drop``s: not fatal even with on_bad_sample = "error"
 NOTED_KINDS = frozenset({"ignored_class", "stale_filename", "size_differs"})
 # What a fatal DatasetError says, until the readers tag it with a kind of their own (``exc.kind``).
-_EXIF_ORIENTATION = 0x0112
 CLIP_SLACK = 1e-3  # px: float32 rounding of normalised boxes is not "outside the image"
-
-
-@dataclass(frozen=True)
-class ImageCheck:
-    """What a full decode of one image found. ``error``: the one-line DataError training would hit."""
-
-    error: str | None = None
-    mode: str = ""
-    orientation: int = 1
-    width: int = 0
-    height: int = 0
-
-
-def check_image(path: str, channels: int) -> ImageCheck:
-    """Decode ``path`` fully, as training will (runs in the worker processes)."""
-    try:
-        pixels = load_image(path, channels)
-        # the header again, for what load_image changed; cheap after a full decode, and it cannot be read
-        # differently than a moment ago unless the file changes under us, which is then worth reporting
-        with Image.open(path) as img:
-            mode, orientation = img.mode, img.getexif().get(_EXIF_ORIENTATION, 1)
-    except DataError as exc:
-        return ImageCheck(error=str(exc))
-    except UNREADABLE_ERRORS as exc:
-        return ImageCheck(error=f"{path}: cannot read image: {exc}")
-    h, w = pixels.shape[-2:]
-    return ImageCheck(None, mode, orientation if isinstance(orientation, int) else 1, int(w), int(h))
 
 
 @dataclass(frozen=True)
@@ -191,11 +155,6 @@ class DoctorReport:
                 "findings": [f.to_json() for f in self.findings], "counts": self.counts()}  # fmt: skip
 
 
-def default_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, cpus)
-
-
 def check_data(recipe: Recipe, workers: int | None = None, progress: Progress | None = None) -> DoctorReport:
     """Scan train and val of ``recipe`` (see the module docstring). ``workers``: decoding processes (default
     ``default_workers()``; 0 or 1 decode in this process); ``progress(split, done, total)`` after each image."""
@@ -215,7 +174,9 @@ def check_data(recipe: Recipe, workers: int | None = None, progress: Progress | 
             ds = build_dataset(lenient, split)
         except DataError as exc:
             found.append(_fatal(split, exc))
-            continue
+            ds = _without_unknown_classes(lenient, split, exc)
+            if ds is None:
+                continue
         datasets[split] = ds
         splits[split].source, splits[split].images = ds.source, len(ds)
         found += _reader_occurrences(split, ds, strict)
@@ -223,11 +184,11 @@ def check_data(recipe: Recipe, workers: int | None = None, progress: Progress | 
     workers = default_workers() if workers is None else workers
     total = sum(len(ds) for ds in datasets.values())
     workers = min(workers, total)
-    pool = _pool(workers) if workers > 1 else None
+    pool = make_pool(workers) if workers > 1 else None
     try:
         for split, ds in datasets.items():
             paths = [str(rec.path) for rec in ds.records]
-            checks = _decode(pool, workers, paths, recipe.model.channels, split, progress)
+            checks = decode_all(pool, workers, paths, recipe.model.channels, split, progress)
             found += _image_occurrences(split, ds, checks, splits[split], strict)
     finally:
         if pool is not None:
@@ -239,39 +200,17 @@ def check_data(recipe: Recipe, workers: int | None = None, progress: Progress | 
     return DoctorReport(splits, findings, data.on_bad_sample)
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # fork on Linux: the workers start with this process's imports (torch included) instead of importing them
-    # again each, which takes seconds; macOS forks badly (system frameworks) and keeps its default.
-    context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint)
-
-
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group: the main process stops and cancels the rest; workers that took
-    # it too would each print a KeyboardInterrupt traceback over the terminal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _decode(
-    pool: ProcessPoolExecutor | None, workers: int, paths: list[str], channels: int, split: str,
-    progress: Progress | None,
-) -> list[ImageCheck]:
-    """``check_image`` of every path, in order (``pool.map`` yields in submission order: a deterministic
-    report whatever the worker count). ``progress`` starts after the pool has forked, so a display thread
-    never exists at fork time."""
-    if pool is None:
-        results = map(check_image, paths, repeat(channels))
-    else:
-        chunk = max(1, min(64, len(paths) // (workers * 4)))
-        results = pool.map(check_image, paths, repeat(channels), chunksize=chunk)
-    checks: list[ImageCheck] = []
-    if progress is not None:
-        progress(split, 0, len(paths))
-    for check in results:
-        checks.append(check)
-        if progress is not None:
-            progress(split, len(checks), len(paths))
-    return checks
+def _without_unknown_classes(recipe: Recipe, split: str, exc: DataError) -> DetectionDataset | None:
+    """After an unknown-class error, the split read again with those names ignored: one unknown name must not
+    hide every other problem of the split. None when that is not possible (YOLO ids, other errors)."""
+    names = getattr(exc, "names", None)
+    if getattr(exc, "kind", None) != "unknown_class" or not names or recipe.data.format == "yolo":
+        return None
+    data = recipe.data.model_copy(update={"ignore_classes": [*recipe.data.ignore_classes, *map(str, names)]})
+    try:
+        return build_dataset(recipe.model_copy(update={"data": data}), split)
+    except DataError:
+        return None
 
 
 def _fatal(split: str, exc: DataError) -> Occurrence:

@@ -78,21 +78,23 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def resolve_checkpoint(run_dir: Path, spec: str, notes: list[str] | None = None) -> Path | None:
-    """``spec``: 'auto' (None when there is none) / 'last' / 'best' (pointers in the run dir), or a path to a
-    checkpoint dir. A ``last`` pointer whose checkpoint is missing or partial (a crash between the renames of a
-    save) falls back to the newest complete checkpoint, saying so in ``notes``."""
+    """``spec``: 'auto' (the newest complete checkpoint; None when there is none), 'last' / 'best' (the pointers
+    in the run dir), or a path to a checkpoint dir. 'auto' does not trust the ``last`` pointer alone: a crash
+    between a save's rename and the pointer's update leaves a newer complete checkpoint than it names; and a
+    ``last`` whose checkpoint is missing falls back to the newest complete one, saying so in ``notes``."""
     root = run_dir / "checkpoints"
     if spec in ("last", "best", "auto"):
         pointer = root / ("last" if spec == "auto" else spec)
         path = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
-        if spec != "best" and (path is None or not is_complete(path)):
+        if spec != "best":
             found = complete_checkpoints(root)
-            if found:
+            newest = found[-1] if found else None
+            if spec == "auto":
+                return newest
+            if (path is None or not is_complete(path)) and newest is not None:
                 if notes is not None and path is not None:
-                    notes.append(f"{path} is not a complete checkpoint; using the newest complete one, {found[-1]}")
-                return found[-1]
-            if spec == "auto" and path is None:
-                return None
+                    notes.append(f"{path} is not a complete checkpoint; using the newest complete one, {newest}")
+                return newest
         if path is None:
             raise CheckpointError(f"{pointer}: no '{spec}' checkpoint in {run_dir}")
     else:
@@ -100,6 +102,18 @@ def resolve_checkpoint(run_dir: Path, spec: str, notes: list[str] | None = None)
     if not is_complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+def recover_interrupted_save(root: Path) -> list[str]:
+    """Main process, before resolving: a crash while re-saving a checkpoint name, between moving the old copy
+    aside and renaming the new one in, leaves the only complete copy hidden as ``.NAME.old-*``: put it back."""
+    restored = []
+    for old in sorted(root.glob(".epoch_*.old-*")) if root.is_dir() else []:
+        name = old.name[1:].split(".old-", 1)[0]
+        if is_complete(old) and not (root / name).exists():
+            os.replace(old, root / name)
+            restored.append(name)
+    return restored
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -121,10 +135,8 @@ def read_checkpoint_recipe(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _identity(recipe: dict[str, Any]) -> dict[str, Any]:
-    model, data = recipe.get("model") or {}, recipe.get("data") or {}
-    # what the model's outputs mean: one class when trained single-class, whatever names were read
-    classes = [data.get("single_cls_name", "object")] if data.get("single_cls") else data.get("class_names")
+def _identity(recipe: dict[str, Any], classes: list[str] | None) -> dict[str, Any]:
+    model = recipe.get("model") or {}
     return {"model": model.get("name"), "classes": classes, "channels": model.get("channels", 3),
             "anchors": model.get("anchors")}
 
@@ -140,10 +152,12 @@ def check_same_model(where: Path, saved: dict[str, Any] | None, recipe: Any) -> 
     from pydantic import ValidationError
 
     try:
-        saved = type(recipe).model_validate(saved).model_dump(mode="json")
-    except ValidationError:
-        pass  # a recipe of an older schema: compare its raw fields
-    old, new = _identity(saved), _identity(recipe.model_dump(mode="json"))
+        validated = type(recipe).model_validate(saved)
+        # what the model's outputs mean: one class when trained single-class, whatever names were read
+        saved, saved_classes = validated.model_dump(mode="json"), validated.output_class_names
+    except ValidationError:  # a recipe of an older schema: compare its raw fields
+        saved_classes = (saved.get("data") or {}).get("class_names")
+    old, new = _identity(saved, saved_classes), _identity(recipe.model_dump(mode="json"), recipe.output_class_names)
     if old["model"] != new["model"]:
         raise CheckpointError(f"{where}: checkpoint holds model {old['model']!r}, the recipe asks for "
                               f"{new['model']!r}")
@@ -208,9 +222,10 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
-    def update(self, name: str, fields: dict[str, Any], is_best: bool) -> None:
-        """After an evaluation: record its outcome in checkpoint ``name`` (saved before it ran, so a failing
-        evaluation loses nothing) and point ``best`` at it if it is. Main process only; any may call."""
+    def update(self, name: str, fields: dict[str, Any], is_best: bool = False) -> None:
+        """Record ``fields`` in checkpoint ``name``'s trainer state, e.g. an evaluation's outcome (the checkpoint
+        is saved before it runs, so a failing evaluation loses nothing), and point ``best`` at it if it is.
+        Main process only; any may call; nothing happens when there is no such checkpoint."""
         path = self.root / name
         if not self.accelerator.is_main_process or not is_complete(path):
             return

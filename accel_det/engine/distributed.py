@@ -157,10 +157,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Any:
     """Collective: create the run dir and take its lock, or fail with one line on every process.
 
-    The main process holds an exclusive ``flock`` on ``run_dir/.lock`` for the whole run, so a second launch
-    on the same run dir stops at once instead of interleaving checkpoints and logs with the first. The kernel
-    drops the lock when the process dies, so a killed run never leaves a stale lock. Release it with
-    ``handle.close()``."""
+    The main process holds an exclusive POSIX lock (``lockf``) on ``run_dir/.lock`` for the whole run, so a
+    second launch on the same run dir stops at once instead of interleaving checkpoints and logs with the
+    first. The kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
+    Release it with ``handle.close()``."""
     from accelerate.utils import broadcast_object_list
 
     handle, error = None, ""
@@ -175,8 +175,10 @@ def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Any:
                      "output.root)")
         else:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                # lockf, not flock: forked DataLoader workers share a flock with their parent and would keep
+                # the run dir locked after a kill -9 of the main process until they notice and exit
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # EACCES or EAGAIN: held by another process
                 handle.seek(0)
                 holder = handle.read().strip() or "unknown process"
                 handle.close()

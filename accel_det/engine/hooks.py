@@ -40,6 +40,10 @@ class TrainState:
     epoch_loss_sums: dict[str, float] = field(default_factory=dict)
     epoch_loss_count: int = 0
     nonfinite_streak: int = 0  # skipped steps in a row (train.max_nonfinite stops the run)
+    epoch_hooks_done: bool = True  # False while the epoch-end hooks (evaluation, ...) of `epoch` run
+    # the log window a signal interrupted: its losses so far (reduced) and size, continued after a resume
+    window_loss_sums: dict[str, float] = field(default_factory=dict)
+    window_loss_count: int = 0
 
     def to_dict(self, **extra: Any) -> dict[str, Any]:
         return {
@@ -53,6 +57,9 @@ class TrainState:
             "epoch_loss_sums": self.epoch_loss_sums,
             "epoch_loss_count": self.epoch_loss_count,
             "nonfinite_streak": self.nonfinite_streak,
+            "epoch_hooks_done": self.epoch_hooks_done,
+            "window_loss_sums": self.window_loss_sums,
+            "window_loss_count": self.window_loss_count,
             **extra,
         }
 
@@ -159,6 +166,12 @@ class CheckpointHook(Hook):
         self.log.info(f"checkpoint: {path}")
         return path
 
+    def mark(self, state: TrainState, **fields: Any) -> None:
+        """Record ``fields`` in the checkpoint of where ``state`` is, if one was saved there: the epoch-end
+        hooks finished (``epoch_hooks_done``), the run finished (``finished``: its final weights are written)."""
+        mid = state.batch_in_epoch > 0
+        self.checkpointer.update(checkpoint_name(state.epoch, state.global_step, mid_epoch=mid), fields)
+
     def after_step(self, state: TrainState) -> None:
         every = self.cfg.checkpoint_every_steps
         # the epoch's last batch is followed by the epoch-end checkpoint decision instead
@@ -185,7 +198,8 @@ class BestCheckpointHook(Hook):
         if not self.eval_due(state.epoch):
             return
         fields = {"best_metric": state.best_metric, "best_epoch": state.best_epoch, "last_metric": state.last_metric}
-        self.checkpointer.update(checkpoint_name(state.epoch), fields, is_best=self.save_best and state.last_is_best)
+        self.checkpointer.update(checkpoint_name(state.epoch), fields,
+                                 is_best=self.save_best and state.last_is_best)
 
 
 class EmaHook(Hook):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from rich.console import Console
 from rich.progress import (
@@ -204,3 +205,63 @@ class TrainProgress:
         self.log.info(f"epoch {epoch + 1}/{self.max_epoch} done in {seconds:.1f} s: {stats} lr {lr:.2e} "
                       f"{img_per_s:.1f} img/s, run ETA {self.eta(self.batches - 1)}")
         self._t_epoch_end = time.perf_counter()
+
+
+class LossMeter:
+    """Sums of the losses on the device since the last log line: no host sync per batch, one ``reduce`` (a
+    collective, reached by every process at the same batch index) per log line. The reduced values also
+    accumulate in the ``TrainState`` (``epoch_loss_sums``), so the epoch's mean survives a mid-epoch
+    checkpoint; and a run stopped by a signal inside a log window ``park``s the window so far in the state, so
+    the resumed run's log lines cover the same batches as an uninterrupted run's."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self.sums: dict[str, torch.Tensor] = {}
+        self.parked = dict(state.window_loss_sums)  # already reduced over processes
+        self.count = state.window_loss_count
+        state.window_loss_sums, state.window_loss_count = {}, 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float()
+        self.count += 1
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
+        # the mean over processes of each process's window sum, plus what was parked, over the window's size
+        means = {k: (float(accelerator.reduce(v, "mean")) + self.parked.get(k, 0.0)) / self.count
+                 for k, v in self.sums.items()}
+        sums = self.state.epoch_loss_sums
+        for k, v in means.items():
+            sums[k] = sums.get(k, 0.0) + v * self.count
+        self.state.epoch_loss_count += self.count
+        self.sums, self.parked, self.count = {}, {}, 0
+        return means
+
+    def park(self, accelerator: Accelerator) -> None:
+        """Collective: the window so far into the state (a checkpoint is about to be taken mid-window)."""
+        self.state.window_loss_sums = {k: float(accelerator.reduce(v, "mean")) + self.parked.get(k, 0.0)
+                                       for k, v in self.sums.items()}
+        self.state.window_loss_count = self.count
+
+
+def log_stage(log: RunLog, data: Any, epoch: int, first: bool) -> None:
+    """``[[data.stages]]``: name the stage an epoch starts (and the one a run starts or resumes in)."""
+    if not data.stages:
+        return
+    index, augments = data.stage_of(epoch)
+    if first or index != data.stage_of(epoch - 1)[0]:
+        log.info(f"stage {index + 1}/{len(data.stages)} from epoch {epoch + 1}: augments "
+                 f"{', '.join(augments) or 'none (resize only)'}")
+
+
+def report_replaced(log: RunLog, accelerator: Accelerator, epoch: int, replaced: list[str]) -> None:
+    """Collective: the samples that could not be read this epoch, from every process, in the log."""
+    from accelerate.utils import gather_object
+
+    everywhere = gather_object([replaced]) if accelerator.num_processes > 1 else [replaced]
+    found = [m for part in everywhere for m in part]
+    if found:
+        log.info(f"warning: epoch {epoch + 1}: {len(found)} sample(s) could not be read and were replaced "
+                 f"by others (data.on_bad_sample = 'skip'): {'; '.join(found[:3])}"
+                 + (f"; and {len(found) - 3} more" if len(found) > 3 else ""))
+        log.event({"event": "bad_samples", "epoch": epoch + 1, "count": len(found), "samples": found[:100]})

@@ -28,6 +28,7 @@ from accel_det.engine.checkpoint import (
     check_same_model,
     read_checkpoint_recipe,
     read_trainer_state,
+    recover_interrupted_save,
     resolve_checkpoint,
 )
 from accel_det.engine.distributed import (
@@ -102,6 +103,11 @@ class ResumePoint:
     def epoch(self) -> int:
         return int(self.trainer_state["epoch"])
 
+    def finished(self, run_dir: Path) -> bool:
+        """Whether the run wrote its final weights after this checkpoint (older checkpoints do not say: then
+        the final weights file tells)."""
+        return bool(self.trainer_state.get("finished", (run_dir / "model.safetensors").is_file()))
+
 
 def setup(recipe: Recipe, hooks: Sequence[Hook] = ()) -> Run | None:
     """Build the run; ``None`` when the run dir holds a finished run (nothing is written then)."""
@@ -121,8 +127,12 @@ def setup(recipe: Recipe, hooks: Sequence[Hook] = ()) -> Run | None:
 
 def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog, lock: Any,
            hooks: Sequence[Hook]) -> Run | None:
+    if accelerator.is_main_process:
+        for name in recover_interrupted_save(run_dir / "checkpoints"):
+            log.info(f"note: put back checkpoint {name}, left aside by a save that was interrupted")
+    accelerator.wait_for_everyone()
     resume = _setup_resume_point(recipe, run_dir)
-    if resume is not None and resume.epoch >= recipe.train.max_epoch:
+    if resume is not None and resume.epoch >= recipe.train.max_epoch and resume.finished(run_dir):
         _say_finished(accelerator, run_dir, resume, recipe.train.max_epoch)
         if lock is not None:
             lock.close()
@@ -188,6 +198,8 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog,
     checkpoint = CheckpointHook(checkpointer, recipe.output, recipe.train.max_epoch, len(train_loader),
                                 eval_hook.due, recipe.model_dump(mode="json"),
                                 lambda: {"lr": float(optimizer.param_groups[0]["lr"]), **where_now}, log)
+    if resume is not None:
+        checkpoint.saved_at = (state.epoch, state.batch_in_epoch)  # what it resumed from: no second copy
     all_hooks = [
         *([EmaHook(ema, accelerator, model)] if ema is not None else []),  # first: a checkpoint includes it
         checkpoint,  # the epoch's checkpoint is written before its evaluation: a failing one loses nothing
@@ -291,6 +303,10 @@ def _resume(checkpointer: Checkpointer, resume: ResumePoint, state: TrainState, 
     state.best_metric, state.best_epoch = saved.get("best_metric"), saved.get("best_epoch")
     state.last_metric = saved.get("last_metric")
     state.nonfinite_streak = int(saved.get("nonfinite_streak", 0))
+    # stopped among its epoch-end hooks (an evaluation, the final weights): train() runs them again
+    state.epoch_hooks_done = bool(saved.get("epoch_hooks_done", True))
+    state.window_loss_sums = dict(saved.get("window_loss_sums") or {})
+    state.window_loss_count = int(saved.get("window_loss_count", 0))
     changed = [k for k, v in now.items() if saved.get(k, v) != v]
     if changed:
         # Another process count, batch size or accumulation. The schedule is defined in epochs: re-express the
@@ -300,6 +316,7 @@ def _resume(checkpointer: Checkpointer, resume: ResumePoint, state: TrainState, 
         again = f"; epoch {state.epoch + 1} restarts from its first batch" if state.batch_in_epoch else ""
         log.info(f"note: {olds}: continuing the schedule at epoch {state.epoch}{again}")
         state.batch_in_epoch, state.epoch_loss_sums, state.epoch_loss_count = 0, {}, 0
+        state.window_loss_sums, state.window_loss_count = {}, 0
         state.schedule_step = state.epoch * now["steps_per_epoch"]
     jump_to_step(scheduler, state.schedule_step)
     at = f"epoch {state.epoch}" + (f" + {state.batch_in_epoch} batches" if state.batch_in_epoch else "")
