@@ -1,4 +1,4 @@
-"""``accel-det``: train | validate | reference | evaluate | predict | check-data. Every subcommand goes through
+"""``accel-det``: train | validate | reference | evaluate | predict | check-data | export. Every subcommand goes through
 ``errors.run_cli``: an expected failure is one line on stderr and exit code 2 (recipe, usage) or 1 (run time)."""
 
 from __future__ import annotations
@@ -56,9 +56,15 @@ def _check_data(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from accel_det.export import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # the entry modules' argument definitions are imported without torch: they import it inside run()
-    from accel_det import check_data, evaluate, predict, train
+    from accel_det import check_data, evaluate, export, predict, train
 
     parser = argparse.ArgumentParser(prog="accel-det", description="Train object detectors with Accelerate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="scan a recipe's data for bad samples before training (the data doctor)")
     check_data.add_arguments(p)
     p.set_defaults(func=_check_data)
+
+    p = sub.add_parser("export", help="export a run's detector to ONNX or .pt2 (decode + NMS inside), checked "
+                       "against the eager model")
+    export.add_arguments(p)
+    p.set_defaults(func=_export)
     return parser
 
 

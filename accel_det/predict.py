@@ -1,6 +1,11 @@
 """``accel-det predict RUN_DIR IMAGES... --out DIR`` (also ``python -m accel_det.predict``): predictions.json
 plus one PNG per image with the boxes drawn, in the image's own pixels.
 
+A file written by ``accel-det export`` (``.onnx``: onnxruntime, its CUDA provider when there is one; ``.pt2``:
+the torch.export program, CPU) predicts in place of the run's weights: as ``--checkpoint FILE`` with the run
+(its class names must be the run's), or as RUN_DIR itself, since the file carries class names, input size and
+letterbox. The images, resizing, drawing and JSON are the same code either way.
+
 Inputs are image files and folders (searched recursively; hidden files and folders and anything under
 ``--out`` are skipped, so a second run never predicts on the first one's drawings). Drawn files mirror the
 input paths under ``--out``; two inputs that would map to one name get a short hash of their full path.
@@ -77,6 +82,40 @@ def _save_png(array: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _exported_file(run_dir: Path, checkpoint: str) -> Path | None:
+    """The exported file to predict with, if RUN_DIR or --checkpoint names one."""
+    from accel_det.deploy.runner import is_exported
+
+    for candidate in (Path(run_dir), Path(checkpoint)):
+        if is_exported(candidate):
+            if not candidate.is_file():
+                raise UsageError(f"{candidate}: no such exported file")
+            return candidate
+    return None
+
+
+def _open_exported(path: Path, run_dir: Path) -> tuple[Any, Any, list[str], int, bool, int]:
+    """(model, resize, class names, img_dim, letterbox, channels) of an exported file; with a run dir beside it,
+    the file must be of the run's classes, size and resizing (else its labels would be named wrongly)."""
+    from accel_det.data import build_transforms
+    from accel_det.deploy.runner import ExportedDetector
+    from accel_det.engine.run import run_recipe
+    from accel_det.errors import CheckpointError
+
+    model = ExportedDetector(path)
+    meta = model.meta
+    names, dim, letterbox, channels = meta["class_names"], meta["img_dim"], meta["letterbox"], meta["channels"]
+    if Path(run_dir) != path:
+        recipe = run_recipe(Path(run_dir))
+        ours = (recipe.output_class_names, recipe.model.img_dim, recipe.data.letterbox, recipe.model.channels)
+        if ours != (names, dim, letterbox, channels):
+            raise CheckpointError(f"{path}: exported for classes {names} at {dim} px (letterbox {letterbox}), "
+                                  f"but {run_dir} has {ours[0]} at {ours[1]} px (letterbox {ours[2]})")
+    print(f"note: predicting with {path} ({path.suffix[1:]} on {model.device})")
+    return model, build_transforms(False, dim, [], channels=channels, letterbox=letterbox), names, dim, letterbox, \
+        channels
+
+
 def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best", conf: float = 0.3,
             batch_size: int = 8) -> list[dict[str, Any]]:
     import torch
@@ -93,17 +132,23 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     items = collect_images(inputs, out)
-    opened = open_run(run_dir, checkpoint)
-    if opened.weights.note:
-        print(f"note: {opened.weights.note}")
-    recipe, model = opened.recipe, opened.model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    exported = _exported_file(run_dir, checkpoint)
+    if exported is not None:
+        model, resize, names, dim, letterbox, channels = _open_exported(exported, run_dir)
+        device = torch.device("cpu")  # the runner moves the batch where its provider runs
+    else:
+        opened = open_run(run_dir, checkpoint)
+        if opened.weights.note:
+            print(f"note: {opened.weights.note}")
+        recipe, model = opened.recipe, opened.model
+        model.to(device)
+        resize, names, dim = eval_transforms(recipe), recipe.output_class_names, recipe.model.img_dim
+        letterbox, channels = recipe.data.letterbox, recipe.model.channels
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create: {exc.strerror or exc}") from None
-    resize, names, dim = eval_transforms(recipe), recipe.output_class_names, recipe.model.img_dim
     results: list[dict[str, Any]] = []
     skipped: list[str] = []
     pngs = drawn_names(items)
@@ -111,7 +156,7 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
         batch = []
         for (f, _), png in zip(items[start:start + batch_size], pngs[start:start + batch_size]):
             try:
-                batch.append((f, png, load_image(f, recipe.model.channels)))
+                batch.append((f, png, load_image(f, channels)))
             except DataError as exc:
                 skipped.append(str(exc))
                 results.append({"file": str(f), "error": str(exc)})
@@ -124,7 +169,7 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
             h, w = img.shape[-2:]
             # the model saw the image resized (or letterboxed) to dim x dim: back to the image's own pixels
             keep = det["scores"].cpu() >= conf
-            boxes = to_original(det["boxes"].cpu(), (h, w), dim, recipe.data.letterbox)[keep]
+            boxes = to_original(det["boxes"].cpu(), (h, w), dim, letterbox)[keep]
             scores, labels = det["scores"].cpu()[keep], det["labels"].cpu()[keep]
             text = [f"{names[int(lab) - 1]} {float(s):.2f}" for lab, s in zip(labels, scores)]
             rgb = img.as_subclass(torch.Tensor)
@@ -147,10 +192,11 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", help="a run dir, or a file written by accel-det export (.onnx, .pt2)")
     parser.add_argument("images", nargs="+", help="image files or folders")
     parser.add_argument("--out", required=True, help="output folder: predictions.json + drawn PNGs")
-    parser.add_argument("--checkpoint", default="best", help="best | last | checkpoint dir | weights file")
+    parser.add_argument("--checkpoint", default="best",
+                        help="best | last | checkpoint dir | weights file | an exported .onnx/.pt2")
     # ranges are checked in predict(): a bad value is one line like every other error, not argparse's usage
     parser.add_argument("--conf", type=float, default=0.3, help="score threshold in [0, 1] for output and drawing")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -55,7 +55,13 @@ class PostProcess(nn.Module):
         k = k1 - 1
         h, w = image_size
         scores = F.softmax(conf.float(), dim=-1)[..., 1:].reshape(n, p * k)  # drop background
-        top_s, top_i = scores.topk(min(self.pre_nms_topk, p * k), dim=1)  # (N, T), sorted
+        top_s, top_i = scores.topk(min(self.pre_nms_topk, p * k), dim=1)  # (N, T)
+        # Equal scores (saturated at 1.0 in a confident model) in a fixed order, the lower index first, as
+        # ONNX's TopK and NonMaxSuppression order them: the exported graph (accel_det/deploy) then keeps the
+        # same boxes. Two sorts of T candidates, not of all P * K scores.
+        top_i, pos = top_i.sort(dim=1)
+        top_s, pos = top_s.gather(1, pos).sort(dim=1, descending=True, stable=True)
+        top_i = top_i.gather(1, pos)
         prior_i = top_i // k
         labels = top_i % k + 1
         # decode only the candidates, not all P priors
@@ -67,7 +73,8 @@ class PostProcess(nn.Module):
         keep = top_s > self.conf_thres
         boxes, top_s, labels, img = boxes[keep], top_s[keep], labels[keep], img[keep]
         # one NMS call for the whole batch: groups = (image, class)
-        order = batched_nms(boxes, top_s, img * k1 + labels, self.iou_thres)  # sorted by score
+        # the kept candidates in their (score, index) order: torchvision's own result order is unstable on ties
+        order = batched_nms(boxes, top_s, img * k1 + labels, self.iou_thres).sort().values
         out = []
         for i in range(n):
             idx = order[img[order] == i][: self.max_det]

@@ -57,7 +57,7 @@ class PriorBox(nn.Module):
         # the same rule as FaceBoxes.PyTorch's PriorBox.
         return math.ceil(image_size / step)
 
-    def _cell_template(self, k: int) -> torch.Tensor:
+    def cell_template(self, k: int) -> torch.Tensor:
         """(A, 4) anchors of one cell as (cx offset, cy offset) in cells and (w, h) in pixels."""
         rows = []
         step = self.steps[k]
@@ -82,7 +82,7 @@ class PriorBox(nn.Module):
         out = []
         for k, step in enumerate(self.steps):
             fh, fw = self.feature_size(height, step), self.feature_size(width, step)
-            tpl = self._cell_template(k)  # (A, 4)
+            tpl = self.cell_template(k)  # (A, 4)
             ii, jj = torch.meshgrid(
                 torch.arange(fh, dtype=torch.float64), torch.arange(fw, dtype=torch.float64), indexing="ij"
             )
