@@ -13,13 +13,15 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, Strict, field_validator, model_validator
 
 from accel_det.config_types import KeyedError, NonNegInt, PosInt, StrictBool, StrictInt, Table
+from accel_det.errors import DataError
+from accel_det.hf_local import class_names_of
 
 # The training augments by name; data/transforms.py applies them in this order whatever the recipe's order.
 Augment = Literal[
     "photometric", "color_jitter", "grayscale", "zoom_out", "iou_crop", "scale_jitter", "hflip", "vflip"
 ]
 AUGMENTS: tuple[str, ...] = get_args(Augment)
-DataFormat = Literal["voc", "coco", "yolo", "synthetic"]
+DataFormat = Literal["voc", "coco", "yolo", "hf", "synthetic"]
 OpenUnit = Annotated[float, Strict(), Field(gt=0, lt=1)]  # (0, 1): a probability that must mix something
 
 
@@ -67,14 +69,16 @@ class DataConfig(Table):
     root: str = Field("data/synthetic_shapes", description="Dataset folder (relative to the working dir)")
     train: str = Field(
         "ImageSets/Main/train.txt",
-        description="voc: split file ('' = all); coco: instances JSON; yolo: image dir or list file",
+        description="voc: split file ('' = all); coco: instances JSON; yolo: image dir or list file; hf: split "
+        "name of a save_to_disk DatasetDict at root, or a save_to_disk folder, .parquet/.arrow file(s) or glob",
     )
     val: str = Field("ImageSets/Main/val.txt", description="Like train, for the validation split")
     train_images: str = Field("", description="coco: image folder of the train JSON (relative to root)")
     val_images: str = Field("", description="coco: image folder of the val JSON (relative to root)")
     class_names: list[str] = Field(
         default_factory=lambda: ["circle", "square", "triangle"],
-        description="Class names; their order defines labels 1..K",
+        description="Class names; their order defines labels 1..K. hf: [] takes the names of the train split's "
+        "ClassLabel (objects.category), less data.ignore_classes (the dataset must then exist at validation)",
     )
     batch_size: PosInt = Field(16, description="Images per process per step")
     num_workers: NonNegInt = Field(2, description="DataLoader workers per process")
@@ -90,7 +94,7 @@ class DataConfig(Table):
     on_bad_sample: Literal["skip", "error"] = Field(
         "skip", description="Bad image or annotation entry: 'skip' (drop or replace it, counted) or 'error'"
     )
-    ignore_classes: list[str] = Field(default_factory=list, description="voc/coco: drop objects of these classes")
+    ignore_classes: list[str] = Field(default_factory=list, description="voc/coco/hf: drop objects of these classes")
     single_cls: StrictBool = Field(
         False, description="Train every object as one class, single_cls_name (annotations are still read and "
         "checked with class_names); model.num_classes becomes 1"
@@ -107,8 +111,6 @@ class DataConfig(Table):
     @field_validator("class_names")
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("needs at least one class name")
         dup = sorted({n for n in v if v.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate class names: {', '.join(dup)}")
@@ -120,6 +122,27 @@ class DataConfig(Table):
         if not v.strip():
             raise ValueError("must be a non-empty name (it names the class in tables and predictions)")
         return v
+
+    @model_validator(mode="after")
+    def _names_from_dataset(self) -> DataConfig:
+        """``class_names = []`` with format "hf": the train split's ClassLabel names, read now (from JSON or a
+        schema, no rows), so that recipe.json, num_classes and the resume checks see the real names."""
+        if self.class_names:
+            return self
+        if self.format != "hf":
+            raise KeyedError("class_names", "needs at least one class name ([] reads them from the dataset with "
+                             "format = 'hf' only)")  # fmt: skip
+        try:
+            names = class_names_of(self.root, self.train)
+        except DataError as exc:
+            raise KeyedError("class_names", f"[] takes the dataset's ClassLabel names, but {exc}") from None
+        kept = [n for n in names if n not in self.ignore_classes]
+        if not kept:
+            raise KeyedError("class_names", f"every ClassLabel name of the dataset ({', '.join(names)}) is in "
+                             "data.ignore_classes")  # fmt: skip
+        # already a valid value: assignment would re-run every validator of the table
+        self.__dict__["class_names"] = kept
+        return self
 
     @model_validator(mode="after")
     def _coco_only(self) -> DataConfig:

@@ -125,6 +125,11 @@ def _read(recipe: Recipe, split: Split) -> DetectionDataset:
                            ignore_classes=data.ignore_classes, **common)  # fmt: skip
     elif src.format == "yolo":
         ds = YOLODetection(src.root, where, names, tf, model.channels, **common)
+    elif src.format == "hf":  # crowd boxes as for coco; imported here: pyarrow comes with the optional datasets
+        from .hf import HFDetection
+
+        ds = HFDetection(src.root, where, names, tf, model.channels, keep_crowd=not train,
+                         ignore_classes=data.ignore_classes, **common)  # fmt: skip
     else:  # pragma: no cover - config validates it
         raise ValueError(f"unknown data.format {src.format!r}")
     if data.single_cls:

@@ -19,10 +19,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from accel_det.errors import DatasetError
+
+if TYPE_CHECKING:
+    from .images import EmbeddedImage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -236,7 +240,9 @@ def class_list(class_names: Sequence[str]) -> str:
 @dataclass
 class Record:
     """One image's annotation. ``boxes`` are xyxy in pixels, or in [0, 1] fractions of the image size when
-    ``normalized`` (YOLO: the size is only known once the EXIF-rotated image is loaded)."""
+    ``normalized`` (YOLO: the size is only known once the EXIF-rotated image is loaded). ``image``: where the
+    pixels are when they are not the file ``path`` (a row of a Hugging Face dataset; ``path`` then only names
+    it in messages)."""
 
     path: Path
     image_id: int
@@ -244,6 +250,7 @@ class Record:
     labels: np.ndarray  # (n,) int64, 1..K
     difficult: np.ndarray  # (n,) bool
     normalized: bool = False
+    image: EmbeddedImage | None = None
 
 
 def make_record(

@@ -262,7 +262,7 @@ class DetectionDataset(Dataset):
 
     def _load(self, idx: int) -> tuple[tv_tensors.Image, Target]:
         rec = self.records[idx]
-        image = load_image(rec.path, self.channels)
+        image = load_image(rec.path if rec.image is None else rec.image, self.channels)
         h, w = image.shape[-2:]
         boxes, labels, difficult = rec.boxes, rec.labels, rec.difficult
         if not self.keep_difficult:

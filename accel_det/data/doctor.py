@@ -187,7 +187,7 @@ def check_data(recipe: Recipe, workers: int | None = None, progress: Progress | 
     pool = make_pool(workers) if workers > 1 else None
     try:
         for split, ds in datasets.items():
-            paths = [str(rec.path) for rec in ds.records]
+            paths = [str(rec.path) if rec.image is None else rec.image for rec in ds.records]
             checks = decode_all(pool, workers, paths, recipe.model.channels, split, progress)
             found += _image_occurrences(split, ds, checks, splits[split], strict)
     finally:

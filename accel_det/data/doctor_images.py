@@ -11,11 +11,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
 
-from PIL import Image
-
 from accel_det.errors import DataError
 
-from .images import UNREADABLE_ERRORS, load_image
+from .images import UNREADABLE_ERRORS, EmbeddedImage, load_image, open_image
 
 Progress = Callable[[str, int, int], None]  # (split, images done, images in the split)
 _EXIF_ORIENTATION = 0x0112
@@ -32,13 +30,14 @@ class ImageCheck:
     height: int = 0
 
 
-def check_image(path: str, channels: int) -> ImageCheck:
-    """Decode ``path`` fully, as training will (runs in the worker processes)."""
+def check_image(path: str | EmbeddedImage, channels: int) -> ImageCheck:
+    """Decode ``path`` (a file, or an image inside a dataset file) fully, as training will (runs in the worker
+    processes)."""
     try:
         pixels = load_image(path, channels)
         # the header again, for what load_image changed; cheap after a full decode, and it cannot be read
         # differently than a moment ago unless the file changes under us, which is then worth reporting
-        with Image.open(path) as img:
+        with open_image(path) as img:
             mode, orientation = img.mode, img.getexif().get(_EXIF_ORIENTATION, 1)
     except DataError as exc:
         return ImageCheck(error=str(exc))
@@ -67,7 +66,7 @@ def _ignore_sigint() -> None:
 
 
 def decode_all(
-    pool: ProcessPoolExecutor | None, workers: int, paths: list[str], channels: int, split: str,
+    pool: ProcessPoolExecutor | None, workers: int, paths: list[str | EmbeddedImage], channels: int, split: str,
     progress: Progress | None,
 ) -> list[ImageCheck]:
     """``check_image`` of every path, in order (``pool.map`` yields in submission order: a deterministic

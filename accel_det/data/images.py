@@ -1,11 +1,17 @@
-"""Reading image files: pixels as uint8 CHW with EXIF orientation applied, and sizes from headers alone.
+"""Reading images: pixels as uint8 CHW with EXIF orientation applied, and sizes from headers alone.
 
-Every failure is a ``DatasetError`` naming the file, so a reader can tell a bad image (one sample) from a bug.
+A source is a file (path), encoded bytes or a binary file object, or an ``EmbeddedImage``: an image stored
+inside a dataset file (a row of a Hugging Face arrow table, data/hf.py), read only when the pixels are needed.
+Every failure is a ``DatasetError`` naming the file (or the dataset and row), so a reader can tell a bad image
+(one sample) from a bug.
 """
 
 from __future__ import annotations
 
+import io
+from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,12 +27,45 @@ _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that rotate by 
 UNREADABLE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def load_image(path: str | Path, channels: int = 3) -> tv_tensors.Image:
-    """Read an image as uint8 CHW with EXIF orientation applied: RGB (channels=3) or L (channels=1)."""
+class EmbeddedImage(ABC):
+    """An image that is not a file of its own. Picklable and cheap to hold (DataLoader workers and the data
+    doctor's processes receive it); ``str()`` is what messages name, e.g. ``data/cppe5/train[row 12]``."""
+
+    @abstractmethod
+    def read(self) -> bytes | Path:
+        """The encoded image, or the path of the file it refers to; ``DatasetError`` when there is neither."""
+
+
+ImageSource = str | Path | bytes | BinaryIO | EmbeddedImage
+
+
+def _resolve(source: ImageSource, name: str | None) -> tuple[str | Path | BinaryIO, str]:
+    """(what ``Image.open`` takes, the name messages use) of ``source``; an ``EmbeddedImage`` is read here."""
+    if isinstance(source, EmbeddedImage):
+        ref, source = str(source), source.read()
+        name = name or (ref if isinstance(source, bytes) else f"{ref} ({source})")
+    if isinstance(source, bytes):
+        return io.BytesIO(source), name or "<image bytes>"
+    if isinstance(source, (str, Path)):
+        return source, name or str(source)
+    return source, name or str(getattr(source, "name", "<image file object>"))
+
+
+def open_image(source: ImageSource) -> Image.Image:
+    """``Image.open`` of any ``ImageSource`` (lazy: the header only). Failures are Pillow's (or the embedding's
+    ``DatasetError``): callers word them."""
+    return Image.open(_resolve(source, None)[0])
+
+
+def load_image(source: ImageSource, channels: int = 3, name: str | None = None) -> tv_tensors.Image:
+    """Read an image as uint8 CHW with EXIF orientation applied: RGB (channels=3) or L (channels=1).
+    ``source``: a path, encoded bytes, a binary file object or an ``EmbeddedImage``; ``name``: what errors
+    name (default: the path, the file object's name, or the embedded image's dataset and row)."""
+    fp, path = _resolve(source, name)
     if channels not in (1, 3):
         raise DatasetError(f"{path}: cannot load images with {channels} channels (supported: 1, 3)")
     try:
-        with Image.open(path) as img:
+        with Image.open(fp) as img:
             # Phone photos store pixels unrotated plus an Orientation tag; annotations (and people) see the
             # rotated picture, so rotate before anything reads the size.
             img = ImageOps.exif_transpose(img)
