@@ -47,8 +47,10 @@ def check_images(recipe: Any, count: int = CHECK_IMAGES) -> tuple[torch.Tensor, 
     resize = eval_transforms(recipe)
     try:
         ds = build_dataset(recipe, "val")
-        paths = [ds.image_path(int(i)) for i in torch.linspace(0, len(ds) - 1, min(count, len(ds))).round().long()]
-        images = [resize(load_image(p, recipe.model.channels)).float().div(255) for p in paths]
+        picks = torch.linspace(0, len(ds) - 1, min(count, len(ds))).round().long().tolist()
+        # a record's pixels may live inside a dataset file (hf) rather than at its path
+        sources = [ds.records[i].path if ds.records[i].image is None else ds.records[i].image for i in picks]
+        images = [resize(load_image(s, recipe.model.channels)).float().div(255) for s in sources]
     except AccelDetError as exc:
         images, source = [], ""
         note = f"the val images could not be read ({exc}); checked on seeded noise images instead"
