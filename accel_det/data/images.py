@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from accel_det.errors import DatasetError
 
@@ -68,7 +68,8 @@ def load_image(source: ImageSource, channels: int = 3, name: str | None = None) 
         with Image.open(fp) as img:
             # Phone photos store pixels unrotated plus an Orientation tag; annotations (and people) see the
             # rotated picture, so rotate before anything reads the size.
-            img = ImageOps.exif_transpose(img)
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when it has nothing to do
+                img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I"):
                 img = _sixteen_to_eight_bit(img)
             elif img.mode == "F":
@@ -76,14 +77,19 @@ def load_image(source: ImageSource, channels: int = 3, name: str | None = None) 
             elif img.mode == "P":
                 # Palette images with a transparent index warn when converted straight to RGB.
                 img = img.convert("RGBA")
-            img = img.convert("L" if channels == 1 else "RGB")  # gray/RGBA/CMYK/16-bit -> 8-bit L or RGB
+            mode = "L" if channels == 1 else "RGB"
+            if img.mode != mode:  # gray/RGBA/CMYK/16-bit -> 8-bit L or RGB (convert copies even when it is one)
+                img = img.convert(mode)
+            pixels = np.array(img)  # decodes now, while the file is open; (H, W) or (H, W, C) uint8
     except DatasetError:
         raise  # already names the file; DataError is a ValueError, keep the clause below from rewording it
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file missing") from None
     except UNREADABLE_ERRORS as exc:
         raise DatasetError(f"{path}: cannot read image: {exc}") from None
-    return tv_tensors.Image(F.pil_to_tensor(img))
+    # CHW as a view of the HWC array, as F.pil_to_tensor returns it, without its extra copy through tobytes
+    tensor = torch.from_numpy(pixels)
+    return tv_tensors.Image(tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1))
 
 
 def _sixteen_to_eight_bit(img: Image.Image) -> Image.Image:

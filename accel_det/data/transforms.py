@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 from torchvision import tv_tensors
+from torchvision.ops import box_iou
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from accel_det.config_data import AUGMENTS
 
@@ -47,13 +49,63 @@ def _sample_of(inputs: tuple[Any, ...]) -> Any:
     return inputs if len(inputs) > 1 else inputs[0]
 
 
+class BatchedIoUCrop(v2.RandomIoUCrop):
+    """torchvision's RandomIoUCrop (SSD's sampler: draw a minimum IoU among ``options``, then up to ``trials``
+    random crops; the first that keeps a box centre and reaches that IoU with one of those boxes wins; if none
+    does, draw another minimum) with the trials of several option draws made and tested as one batch of tensors.
+
+    The first valid crop of a sequence of i.i.d. draws has the same distribution whether the draws are tested one
+    by one or all at once, so the augmentation is the same; only the random stream is consumed differently. The
+    speed is not: the one-by-one loop spent ~70 % of the SSD augment set's time in Python, a few tensor ops per
+    trial (benchmarks/data_pipeline.py)."""
+
+    draws_per_batch = 4  # option draws tested together: fewest tensor ops per crop (8x faster than one by one)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        # check_inputs made sure there are boxes; v2 keeps their canvas_size equal to the image's size
+        boxes = next(x for x in flat_inputs if isinstance(x, tv_tensors.BoundingBoxes))
+        orig_h, orig_w = boxes.canvas_size
+        xyxy = F.convert_bounding_box_format(
+            boxes.as_subclass(torch.Tensor), boxes.format, tv_tensors.BoundingBoxFormat.XYXY
+        ).reshape(-1, 4)
+        cx, cy = 0.5 * (xyxy[:, 0] + xyxy[:, 2]), 0.5 * (xyxy[:, 1] + xyxy[:, 3])
+        options = torch.tensor(self.options)
+        k, n = self.draws_per_batch, self.trials
+        while True:
+            min_iou = options[torch.randint(low=0, high=len(self.options), size=(k,))]  # (k,)
+            u = torch.rand(k, n, 4)
+            scale = self.min_scale + (self.max_scale - self.min_scale) * u[..., :2]
+            # .long() truncates like the int() of the one-by-one sampler
+            new_w, new_h = (orig_w * scale[..., 0]).long(), (orig_h * scale[..., 1]).long()  # (k, n)
+            left, top = ((orig_w - new_w) * u[..., 2]).long(), ((orig_h - new_h) * u[..., 3]).long()
+            right, bottom = left + new_w, top + new_h
+            aspect = new_w / new_h.clamp(min=1)
+            ok = (new_w > 0) & (new_h > 0) & (aspect >= self.min_aspect_ratio) & (aspect <= self.max_aspect_ratio)
+            within = (  # (k, n, boxes): box centres inside each crop
+                (left[..., None] < cx) & (cx < right[..., None]) & (top[..., None] < cy) & (cy < bottom[..., None])
+            )
+            crops = torch.stack([left, top, right, bottom], dim=-1).to(xyxy.dtype).reshape(-1, 4)
+            ious = box_iou(crops, xyxy).reshape(k, n, -1).masked_fill(~within, -1.0)  # only kept centres count
+            ok &= within.any(dim=-1) & (ious.max(dim=-1).values >= min_iou[:, None])
+            # the draws in order: the first that is keep-as-is (>= 1) or has a valid trial decides
+            decided = (min_iou >= 1.0) | ok.any(dim=1)
+            if not decided.any():
+                continue
+            d = int(decided.nonzero()[0, 0])
+            if min_iou[d] >= 1.0:
+                return {}
+            t = int(ok[d].nonzero()[0, 0])
+            return {"top": int(top[d, t]), "left": int(left[d, t]), "height": int(new_h[d, t]),
+                    "width": int(new_w[d, t]), "is_within_crop_area": within[d, t]}
+
+
 class IoUCropIfBoxes(nn.Module):
-    """RandomIoUCrop, skipped for images without boxes: its sampler needs a box centre inside the crop and
+    """The IoU crop, skipped for images without boxes: its sampler needs a box centre inside the crop and
     would spin through its trials until it draws the keep-as-is option."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.crop = v2.RandomIoUCrop()
+        self.crop = BatchedIoUCrop()
 
     def forward(self, *inputs: Any) -> Any:
         leaves, _ = tree_flatten(_sample_of(inputs))
