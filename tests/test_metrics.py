@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from accel_det.metrics import coco as coco_mod
 from accel_det.metrics import (
     coco_evaluate,
     coco_results,
@@ -195,6 +197,13 @@ def test_coco_no_detections(backend: str) -> None:
     assert voc_evaluate(recs, ["cat", "dog"], use_07_metric=False)["mAP"] == 0.0
 
 
+@backends
+def test_coco_no_records(backend: str) -> None:
+    r = coco_evaluate([], NAMES, backend=_backend(backend))
+    assert r["num_images"] == r["num_gt"] == r["num_detections"] == 0
+    assert all(r[k] == -1.0 for k in STATS) and r["pr50_all"] == [None] * 101
+
+
 def test_coco_result_is_plain_json() -> None:
     r = evaluate_records(generated(num_images=10), NAMES, metric="coco", backend="auto")
     assert r["headline"] == "AP" and r["backend"] in BACKENDS
@@ -252,6 +261,168 @@ def test_coco_results_format_and_round_trip() -> None:
         ev.summarize()
     ours = coco_evaluate(gen, NAMES, backend="auto")
     assert [ours[k] for k in STATS] == pytest.approx(list(ev.stats[:12]), abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# COCO: faster-coco-eval driven from arrays == its public API == pycocotools, array for array
+
+
+def _eval_arrays(ev) -> dict[str, np.ndarray]:
+    return {k: np.asarray(ev.eval[k]) for k in ("precision", "recall", "scores")}
+
+
+def _ours(recs: list[dict], backend: str, max_det: int):
+    f = coco_mod._flatten(recs, len(NAMES))
+    return coco_mod._evaluate(coco_mod._gt_index(f, NAMES, cache=False), f, backend, max_det)
+
+
+@pytest.mark.parametrize("max_det", [100, 10, 3, 1])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_fce_from_arrays_equals_its_public_api_and_pycocotools(max_det: int, seed: int) -> None:
+    _backend("faster_coco_eval")
+    recs = generated(80, seed=seed)
+    if seed == 3:
+        for r in recs:  # ties: the array path must order them as the backends' stable sorts do
+            r["scores"] = np.round(r["scores"], 1)
+    ours = _ours(recs, "faster_coco_eval", max_det)
+    public = run_cocoeval(
+        *build_coco(coco_ground_truth(recs, NAMES), coco_results(recs, [1, 2, 3]), "faster_coco_eval"),
+        "faster_coco_eval",
+        max_det,
+    )
+    for k, v in _eval_arrays(public).items():
+        assert np.array_equal(_eval_arrays(ours)[k], v), k
+    assert ours.eval["matched"] == public.eval["matched"]  # the same detection <-> gt pairs, same IoU
+    assert ours.params.maxDets == public.params.maxDets == coco_mod._max_dets(max_det)
+    ref = _eval_arrays(_ours(recs, _backend("pycocotools"), max_det))
+    assert np.array_equal(_eval_arrays(ours)["recall"], ref["recall"])
+    # pycocotools' precision is tp / (tp + fp + eps): equal to faster-coco-eval's to within 1e-15
+    assert np.allclose(_eval_arrays(ours)["precision"], ref["precision"], rtol=0, atol=1e-12)
+
+
+def test_fce_without_array_entry_points_falls_back_to_its_public_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    _backend("faster_coco_eval")
+    recs = generated(seed=5)
+    direct = coco_evaluate(recs, NAMES, backend="faster_coco_eval", cache_gt=False)
+    monkeypatch.setattr(coco_mod, "_fce_core", lambda: None)
+    fallback = coco_evaluate(recs, NAMES, backend="faster_coco_eval", cache_gt=False)
+    assert json.dumps(fallback, sort_keys=True) == json.dumps(direct, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# COCO: the gt cache
+
+
+def _snapshot(index) -> object:
+    """Everything a cached gt index holds that an evaluation could write to: the annotation dicts the
+    backends read (pycocotools' "_ignore" is its per-area-range scratch, rewritten before every read)."""
+    if index._pycoco is not None:
+        anns = [{k: v for k, v in a.items() if k != "_ignore"} for a in index._pycoco.dataset["annotations"]]
+        return copy.deepcopy([anns, index._pycoco.dataset["images"], index._pycoco.dataset["categories"]])
+    dump = index.fce_dataset().make_tuple()
+    return copy.deepcopy([dump[0], sorted((i, c, a) for i, c, a in dump[1]), index._fce_anns])
+
+
+def _with_detections_of(recs: list[dict], other: list[dict]) -> list[dict]:
+    return [{**r, **{k: o[k] for k in ("boxes", "scores", "labels")}} for r, o in zip(recs, other, strict=True)]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # exact, nan included
+
+
+@backends
+def test_gt_cache_gives_identical_results_and_is_not_written_to(backend: str) -> None:
+    _backend(backend)
+    coco_mod.clear_gt_cache()
+    recs = generated(seed=6)
+    recs2 = _with_detections_of(recs, generated(seed=7))  # the same val set, another model's detections
+    uncached = [coco_evaluate(r, NAMES, backend=backend, cache_gt=False) for r in (recs, recs2)]
+    first = coco_evaluate(recs, NAMES, backend=backend)
+    assert len(coco_mod._GT_CACHE) == 1
+    (index,) = coco_mod._GT_CACHE.values()
+    before = _snapshot(index)
+    second = coco_evaluate(recs2, NAMES, backend=backend)
+    third = coco_evaluate(recs, NAMES, backend=backend)
+    assert len(coco_mod._GT_CACHE) == 1 and next(iter(coco_mod._GT_CACHE.values())) is index  # served from cache
+    assert _snapshot(index) == before
+    assert _same(first, uncached[0]) and _same(third, uncached[0]) and _same(second, uncached[1])
+    assert not _same(first, second)  # the detections differ: a case where reusing a result would show
+
+
+@backends
+def test_gt_cache_key_follows_the_ground_truth(backend: str) -> None:
+    """Any change to the gt (a box, a label, a crowd flag, an image size, the class names) is a new val set;
+    the cache stays bounded."""
+    _backend(backend)
+    coco_mod.clear_gt_cache()
+    recs = generated(seed=8)
+    coco_evaluate(recs, NAMES, backend=backend)
+
+    def changed(i: int, **kw: object) -> list[dict]:
+        out = [dict(r) for r in recs]
+        out[i] = {**out[i], **kw}
+        return out
+
+    i = next(j for j, r in enumerate(recs) if len(r["gt_labels"]) and len(r["labels"]))
+    box = recs[i]["gt_boxes"].copy()
+    box[0, 2] += 30.0
+    variants = [
+        (changed(i, gt_boxes=box), NAMES),
+        (changed(i, gt_labels=recs[i]["gt_labels"] % 3 + 1), NAMES),
+        (changed(i, gt_ignore=~recs[i]["gt_ignore"]), NAMES),
+        (changed(i, height=recs[i]["height"] + 1), NAMES),
+        (recs, ["cat", "dog", "fish"]),
+    ]
+    for variant, names in variants:
+        cached = coco_evaluate(variant, names, backend=backend)
+        assert _same(cached, coco_evaluate(variant, names, backend=backend, cache_gt=False))
+        assert len(coco_mod._GT_CACHE) <= coco_mod.GT_CACHE_SIZE
+    assert len(coco_mod._GT_CACHE) == coco_mod.GT_CACHE_SIZE  # 6 val sets seen, the oldest dropped
+    coco_mod.clear_gt_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# COCO: precision-recall curve at IoU 0.5
+
+
+@backends
+def test_pr50_hand_case(backend: str) -> None:
+    # cat: gts on images 1 and 2; detections by score: .9 TP (image 1), .8 FP, .7 TP (image 2). Points
+    # (recall, precision): (.5, 1), (.5, .5), (1, 2/3); envelope 1, 2/3, 2/3. Recall thresholds 0...0.50
+    # (51) take the first point (1), 0.51...1 (50) the third (2/3): AP50 = (51 + 50 * 2/3) / 101.
+    # dog: one gt found by the only detection: 1 everywhere. bird: no gt, a detection: None everywhere.
+    fp = [300, 300, 350, 350]
+    recs = [
+        record(1, [G1], [1], boxes=[G1, fp, G1], scores=[0.9, 0.8, 0.6], labels=[1, 1, 3]),
+        record(2, [G2, [400, 10, 450, 60]], [1, 2], boxes=[G2, [400, 10, 450, 60]], scores=[0.7, 0.5],
+               labels=[1, 2]),
+    ]
+    r = coco_evaluate(recs, NAMES, backend=_backend(backend))
+    pr, cat = r["pr50"], r["pr50"]["precision"]["cat"]
+    assert len(pr["recall"]) == 101 and pr["recall"][0] == 0.0 and pr["recall"][-1] == 1.0
+    assert pr["recall"] == pytest.approx([i / 100 for i in range(101)], abs=1e-12)
+    assert cat == pytest.approx([1.0] * 51 + [2 / 3] * 50, abs=1e-12)
+    assert pr["precision"]["dog"] == pytest.approx([1.0] * 101, abs=1e-12)
+    assert pr["precision"]["bird"] == [None] * 101
+    assert set(pr["precision"]) == set(NAMES)
+    ap50 = (51 + 50 * 2 / 3) / 101
+    assert r["per_class"]["cat"]["AP50"] == pytest.approx(ap50, abs=1e-12)
+    for name in ("cat", "dog"):  # COCO's AP50: the mean of the curve over its 101 recall thresholds
+        assert np.mean(pr["precision"][name]) == pytest.approx(r["per_class"][name]["AP50"], abs=1e-12)
+    assert r["pr50_all"] == pytest.approx([(c + 1.0) / 2 for c in cat], abs=1e-12)  # bird left out
+    assert np.mean(r["pr50_all"]) == pytest.approx(r["AP50"], abs=1e-12)
+    json.dumps(r["pr50"], allow_nan=False)  # plain JSON: None, not nan
+
+
+def test_pr50_without_any_gt_and_on_generated_data() -> None:
+    r = coco_evaluate([record(1, boxes=[G1], scores=[0.5], labels=[1])], NAMES, backend="auto")
+    assert r["pr50_all"] == [None] * 101
+    assert all(p == [None] * 101 for p in r["pr50"]["precision"].values())
+    r = coco_evaluate(generated(seed=9), NAMES, backend="auto")
+    for name in NAMES:
+        assert np.mean(r["pr50"]["precision"][name]) == pytest.approx(r["per_class"][name]["AP50"], abs=1e-12)
+    assert np.mean(r["pr50_all"]) == pytest.approx(r["AP50"], abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------
