@@ -1,5 +1,6 @@
-"""``accel-det``: train | validate | reference | evaluate | predict | check-data | export. Every subcommand goes through
-``errors.run_cli``: an expected failure is one line on stderr and exit code 2 (recipe, usage) or 1 (run time)."""
+"""``accel-det``: train | validate | reference | evaluate | predict | check-data | export | report. Every subcommand
+goes through ``errors.run_cli``: an expected failure is one line on stderr and exit code 2 (recipe, usage) or 1 (run
+time)."""
 
 from __future__ import annotations
 
@@ -62,9 +63,16 @@ def _export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from accel_det.report.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # the entry modules' argument definitions are imported without torch: they import it inside run()
     from accel_det import check_data, evaluate, export, predict, train
+    from accel_det.report import cli as report
 
     parser = argparse.ArgumentParser(prog="accel-det", description="Train object detectors with Accelerate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "against the eager model")
     export.add_arguments(p)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("report", help="plots (results, PR curves, confusion matrix, labels, predictions) and "
+                       "report.html of a run")
+    report.add_arguments(p)
+    p.set_defaults(func=_report)
     return parser
 
 
