@@ -6,6 +6,7 @@ Every model forbids unknown keys; every key here is read somewhere in the packag
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -25,7 +26,12 @@ from accel_det.catalog import (
     KNOWN_MODELS,
     NATIVE_INFO,
     NATIVE_MODELS,
+    TIMM_NAME,
+    TIMM_PREFIX,
     TORCHVISION_MODELS,
+    backbone_stages,
+    feature_strides,
+    timm_backbone_known,
 )
 from accel_det.config_anchors import AnchorConfig, given_anchor_keys, model_anchors
 from accel_det.config_data import DataConfig, MixConfig, StageConfig, SyntheticConfig
@@ -88,6 +94,9 @@ class OutputConfig(Table):
     checkpoint_every_steps: NonNegInt = Field(
         0, description="Also save inside an epoch every N optimizer steps (0 = off); only the newest is kept"
     )
+    report: StrictBool = Field(
+        True, description="Write plots/ and report.html at the end of training (accel-det report can later)"
+    )
     resume: str = Field(
         "auto", description="'auto' (latest checkpoint in the run dir), 'never', or a checkpoint path"
     )
@@ -111,7 +120,17 @@ class ModelConfig(Table):
     recompute: NonNegInt = Field(
         0, description="Native models: recompute the first N backbone stages in backward (less memory)"
     )
-    # Declared after name and img_dim: the validator below reads them from info.data.
+    backbone: str = Field(
+        "",
+        description="Native models: 'timm:<name>' puts the model's heads on that timm backbone (features_only, "
+        "built without weights; needs pip install accel-det[timm]); '' = the model's own backbone",
+    )
+    backbone_weights: str = Field(
+        "",
+        description="Local .safetensors/.pth for model.backbone (e.g. its timm classifier's; never downloaded), "
+        "loaded after model.init and before model.weights",
+    )
+    # Declared after name, img_dim and backbone: the validator below reads them from info.data.
     anchors: AnchorConfig | None = Field(
         None,
         description="Prior boxes of native anchor models; keys left out take the model's defaults at img_dim. "
@@ -123,6 +142,18 @@ class ModelConfig(Table):
     def _known(cls, v: str) -> str:
         if v not in KNOWN_MODELS:
             raise ValueError(f"unknown model {v!r}{suggest(v, KNOWN_MODELS)}; known: {', '.join(KNOWN_MODELS)}")
+        return v
+
+    @field_validator("backbone")
+    @classmethod
+    def _timm_backbone(cls, v: str) -> str:
+        if not v:
+            return v
+        if not re.fullmatch(re.escape(TIMM_PREFIX) + TIMM_NAME, v):
+            raise ValueError(f"{v!r} must be '' or 'timm:<timm model name>', e.g. 'timm:resnet18' (a name, not a "
+                             "hub id or path: backbones are never downloaded, weights go in model.backbone_weights)")
+        if not _timm_installed():
+            raise ValueError(f"{v!r} needs the timm package: pip install accel-det[timm]")
         return v
 
     @field_validator("anchors", mode="wrap")
@@ -137,7 +168,12 @@ class ModelConfig(Table):
         if name not in NATIVE_INFO or img_dim is None or given is None:
             # a torchvision model (a table is rejected below), or name/img_dim already failed
             return handler(v)
-        return model_anchors(name, img_dim, given, handler)
+        backbone = info.data.get("backbone") or ""
+        try:
+            strides = feature_strides(name, backbone) if backbone else None
+        except ValueError:  # a backbone the head cannot use: the model validator below says so
+            strides = None
+        return model_anchors(name, img_dim, given, handler, strides, _label(name, backbone))
 
     @model_validator(mode="after")
     def _anchors_fit_model(self) -> ModelConfig:
@@ -145,36 +181,77 @@ class ModelConfig(Table):
             raise ValueError(f"[model.anchors] applies only to native models ({', '.join(NATIVE_MODELS)})")
         if self.name in TORCHVISION_MODELS and self.channels != 3:
             raise ValueError("torchvision detectors take 3-channel images (channels = 3)")
+        self._backbone_fits()
         self._recompute_fits()
         if self.name in NATIVE_INFO:
-            # validate_assignment of name or img_dim runs only this validator: re-derive the unset keys
+            # validate_assignment of name, img_dim or backbone runs only this validator: re-derive the unset keys
             given = given_anchor_keys(self.anchors) or {}
+            strides = self.feature_strides()
+            label = _label(self.name, self.backbone)
             try:
-                anchors = model_anchors(self.name, self.img_dim, given, AnchorConfig.model_validate)
+                anchors = model_anchors(self.name, self.img_dim, given, AnchorConfig.model_validate, strides, label)
             except ValidationError as exc:
                 raise KeyedError("anchors", exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
             if anchors != self.anchors:
                 self.__dict__["anchors"] = anchors  # already validated; setattr would validate again
-            strides = list(NATIVE_INFO[self.name].strides)
-            if anchors.steps != strides:
+            # a timm name outside the catalog's table: its strides are only assumed, the built model checks them
+            if anchors.steps != list(strides) and (not self.backbone or timm_backbone_known(self.backbone)):
                 raise KeyedError(
                     "anchors.steps",
-                    f"must be {strides}: {self.name} predicts on {len(strides)} feature maps at these strides "
+                    f"must be {list(strides)}: {label} predicts on {len(strides)} feature maps at these strides "
                     f"(got {anchors.steps})",
                 )
         return self
+
+    def feature_strides(self) -> tuple[int, ...]:
+        """A native model's feature strides, on its own backbone or on ``backbone`` (for a timm name outside
+        the catalog's table, those of the usual CNN pyramid: the built model checks)."""
+        return feature_strides(self.name, self.backbone)
+
+    def _backbone_fits(self) -> None:
+        if self.backbone_weights and not self.backbone:
+            raise KeyedError("backbone_weights", "needs model.backbone (the whole model's weights go in model.weights)")
+        if not self.backbone:
+            return
+        if self.name not in NATIVE_INFO:
+            raise KeyedError("backbone", f"applies only to native models ({', '.join(NATIVE_MODELS)})")
+        try:
+            self.feature_strides()
+        except ValueError as exc:
+            raise KeyedError("backbone", f"{self.backbone}: {exc}") from None
 
     def _recompute_fits(self) -> None:
         if not self.recompute:
             return
         if self.name not in NATIVE_INFO:
             raise KeyedError("recompute", f"applies only to native models ({', '.join(NATIVE_MODELS)})")
+        if self.backbone:
+            n = backbone_stages(self.name, self.backbone)
+            if n is None:
+                raise KeyedError("recompute", f"{self.backbone} runs as one call (timm's own feature class), it has "
+                                 "no stages to recompute: use 0 or a backbone timm wraps in FeatureListNet")
+            if self.recompute > n:
+                raise KeyedError("recompute", f"{self.recompute} but {_label(self.name, self.backbone)} has {n} "
+                                 "backbone stages (timm's feature levels up to the head's last)")
+            return
         stages = NATIVE_INFO[self.name].stages
         if self.recompute > len(stages):
             raise KeyedError(
                 "recompute",
                 f"{self.recompute} but {self.name} has {len(stages)} backbone stages ({', '.join(stages)})",
             )
+
+
+def _label(name: str, backbone: str) -> str:
+    return f"{name} on {backbone}" if backbone else name
+
+
+def _timm_installed() -> bool:
+    """Torch-free: finds the package without importing it (timm imports torch)."""
+    try:
+        return importlib.util.find_spec("timm") is not None
+    except (ImportError, ValueError):  # a broken parent package, or a module in sys.modules without a spec
+        return False
 
 
 class OptimizerConfig(Table):
@@ -273,6 +350,11 @@ class Recipe(Table):
             trains = "data.single_cls = true trains 1 class" if self.data.single_cls else (
                 f"data.class_names has {k} names")
             raise ValueError(f"model.num_classes = {self.model.num_classes} but {trains}")
+        fixed = self.scheduler.name == "step" or (self.scheduler.name == "multistep" and self.scheduler.milestones)
+        if self.train.time_budget_minutes is not None and fixed:
+            raise KeyedError("scheduler.name", f"{self.scheduler.name!r} decays at fixed epochs, and with "
+                             "train.time_budget_minutes the epochs are planned while training: use 'cosine' or "
+                             "'constant' (both are fitted to the planned epochs)")
         if self.scheduler.name == "multistep" and self.scheduler.milestones:
             last = self.scheduler.milestones[-1]
             if last > self.train.max_epoch:
@@ -292,7 +374,7 @@ class Recipe(Table):
         """
         if self.model.name not in NATIVE_INFO or self.data.batch_size > 1:
             return
-        top = max(NATIVE_INFO[self.model.name].strides)
+        top = max(self.model.feature_strides())
         if self.model.img_dim <= top:
             raise KeyedError(
                 "model.img_dim",

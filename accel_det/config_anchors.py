@@ -65,12 +65,19 @@ def given_anchor_keys(value: Any) -> dict[str, Any] | None:
 
 
 def model_anchors(
-    name: str, img_dim: int, given: dict[str, Any], validate: Callable[[Any], AnchorConfig]
+    name: str,
+    img_dim: int,
+    given: dict[str, Any],
+    validate: Callable[[Any], AnchorConfig],
+    strides: tuple[int, ...] | None = None,
+    label: str | None = None,
 ) -> AnchorConfig:
     """``given`` completed with the model's defaults at img_dim; fields_set stays ``given``'s keys, so a
-    later change of model.name or model.img_dim re-derives the rest."""
-    strides = NATIVE_INFO[name].strides
-    merged = {**default_anchors(name, img_dim), **given}
+    later change of model.name or model.img_dim re-derives the rest. ``strides``: the net's feature strides
+    on another backbone (``label`` then names both, e.g. "ssdlite_resnet18 on timm:convnext_atto")."""
+    merged = {**default_anchors(name, img_dim, strides), **given}
+    strides = strides or NATIVE_INFO[name].strides
+    name = label or name
     # Lengths first, on the keys the recipe set: a default of the model's length must not be what a wrong
     # length is compared with ("aspect_ratios has 4 feature maps" when the recipe never set it).
     lengths = {

@@ -1,6 +1,7 @@
 """timm-style: every registered model, through the shipped recipe that names it, trains an epoch, is evaluated by
 the training-time eval path with ``conf_thres = 0`` and serves ``predict``; every label is in 1..K and every box
-inside its image. A model added to the registry (and a recipe for it) is covered without editing this file.
+inside its image. A model added to the registry (and a recipe for it) is covered without editing this file, and so
+is a native head on a timm backbone listed in ``catalog.TIMM_EXAMPLES``.
 
 In process (setup + train, then predict) to keep it to seconds per model; tiny: 4 train / 2 val 64 px images.
 """
@@ -12,16 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from accel_det.catalog import TIMM_EXAMPLES
 from accel_det.config import load_recipe
 from accel_det.models import MODELS
 
 REPO = Path(__file__).parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
+CASES = [(name, "") for name in MODELS.names()] + list(TIMM_EXAMPLES)  # (model.name, model.backbone)
 
 
-def _recipe_for(name: str) -> Path:
+def _recipe_for(name: str, backbone: str = "") -> Path:
     for path in RECIPES:
-        if load_recipe(path).model.name == name:
+        model = load_recipe(path).model
+        if (model.name, model.backbone) == (name, backbone):
             return path
     return REPO / "recipes" / "demo.toml"
 
@@ -43,12 +47,12 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS.names())
-def test_every_model_trains_evaluates_and_predicts(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "backbone"), CASES, ids=[f"{n}-{b}" if b else n for n, b in CASES])
+def test_every_model_trains_evaluates_and_predicts(tmp_path: Path, name: str, backbone: str) -> None:
     from accel_det.engine.trainer import run_training
     from accel_det.predict import predict
 
-    recipe = load_recipe(_recipe_for(name), _tiny(tmp_path, name))
+    recipe = load_recipe(_recipe_for(name, backbone), [*_tiny(tmp_path, name), f"model.backbone='{backbone}'"])
     state = run_training(recipe)
     assert state is not None and state.epoch == 1
     run_dir = recipe.run_dir()

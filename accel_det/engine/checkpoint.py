@@ -137,8 +137,8 @@ def read_checkpoint_recipe(path: Path) -> dict[str, Any] | None:
 
 def _identity(recipe: dict[str, Any], classes: list[str] | None) -> dict[str, Any]:
     model = recipe.get("model") or {}
-    return {"model": model.get("name"), "classes": classes, "channels": model.get("channels", 3),
-            "anchors": model.get("anchors")}
+    return {"model": model.get("name"), "backbone": model.get("backbone", ""), "classes": classes,
+            "channels": model.get("channels", 3), "anchors": model.get("anchors")}
 
 
 def check_same_model(where: Path, saved: dict[str, Any] | None, recipe: Any) -> None:
@@ -161,6 +161,10 @@ def check_same_model(where: Path, saved: dict[str, Any] | None, recipe: Any) -> 
     if old["model"] != new["model"]:
         raise CheckpointError(f"{where}: checkpoint holds model {old['model']!r}, the recipe asks for "
                               f"{new['model']!r}")
+    if old["backbone"] != new["backbone"]:
+        was, now = old["backbone"] or "its own", new["backbone"] or "its own"
+        raise CheckpointError(f"{where}: checkpoint holds a {old['model']} with backbone {was!r}, the recipe asks "
+                              f"for {now!r} (model.backbone)")
     if old["classes"] != new["classes"]:
         what = "the same classes in another order" if sorted(old["classes"] or []) == sorted(new["classes"]) else (
             "other classes")

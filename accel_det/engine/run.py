@@ -55,8 +55,8 @@ def _short_hash(text: str) -> str:
 
 
 def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
-    """The run's resolved recipe (``recipe.json``) with ``overrides``; ``model.weights`` is cleared because
-    the weights come from the checkpoint."""
+    """The run's resolved recipe (``recipe.json``) with ``overrides``; ``model.weights`` and
+    ``model.backbone_weights`` are cleared because the weights come from the checkpoint."""
     path = run_dir / "recipe.json"
     if not path.is_file():
         raise UsageError(f"{run_dir}: not a run dir (no recipe.json)")
@@ -68,7 +68,7 @@ def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
         # fail against another model and hide what is really asked
         if keys == ["model", "name"] and value != trained:
             raise CheckpointError(f"{run_dir}: the run holds model {trained!r}, the override asks for {value!r}")
-    return load_recipe(path, [*overrides, "model.weights=''"])
+    return load_recipe(path, [*overrides, "model.weights=''", "model.backbone_weights=''"])
 
 
 def _in_checkpoint(ckpt: Path, tag: str, note: str = "") -> Weights:

@@ -18,7 +18,14 @@ __all__ = ["MODELS", "LoadReport", "WeightsError", "build_model", "load_weights"
 
 
 def build_model(recipe: Any) -> tuple[nn.Module, LoadReport | None]:
-    """Build the recipe's detector and load ``model.weights`` if set. Returns the model and the load report."""
+    """Build the recipe's detector (its init done), load ``model.backbone_weights`` then ``model.weights`` if
+    set. Returns the model and the report of the last file loaded."""
     model = MODELS.get(recipe.model.name)(recipe)
-    report = load_weights(model, recipe.model.weights) if recipe.model.weights else None
+    report = None
+    if recipe.model.backbone_weights:
+        from accel_det.models.timm_backbone import load_backbone_weights
+
+        report = load_backbone_weights(model, recipe.model.backbone_weights)
+    if recipe.model.weights:
+        report = load_weights(model, recipe.model.weights)
     return model, report

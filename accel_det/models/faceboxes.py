@@ -7,6 +7,9 @@ three Inception blocks, then conv3/conv4 at strides 64/128; detection layers at 
 
 Submodule names follow the public FaceBoxes.PyTorch (zisianw), so its ``FaceBoxes`` state dict loads
 into ``net`` (``net.`` + its keys) when ``num_classes`` = 1 and ``channels`` = 3 and the default anchors.
+
+With ``model.backbone = "timm:<name>"`` a timm net's stride-32 level replaces RDCL + Inceptions (the
+``backbone``); conv3/conv4, the heads and the densified anchors stay FaceBoxes'.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from accel_det.config import AnchorConfig, Recipe
 from accel_det.models.base import MODELS
 from accel_det.models.native import AnchorDetector, build_anchor_detector, flatten_heads
 from accel_det.models.recompute import run_stage
+from accel_det.models.timm_backbone import TimmBackbone
 
 
 class BasicConv2d(nn.Module):
@@ -80,21 +84,30 @@ class FaceBoxesNet(nn.Module):
     # model.recompute's units: RDCL conv1 (+ pool), conv2 (+ pool), inception1..3 (all before the first head)
     stage_names = FACEBOXES_STAGES
 
-    def __init__(self, num_classes: int, num_anchors: list[int], channels: int = 3) -> None:
+    def __init__(
+        self, num_classes: int, num_anchors: list[int], channels: int = 3, backbone: nn.Module | None = None
+    ) -> None:
         super().__init__()
         if len(num_anchors) != 3:
             raise ValueError(f"FaceBoxes has 3 detection layers; the anchors define {len(num_anchors)}")
         self.num_classes = num_classes
-        self.conv1 = CRelu(channels, 24, 7, stride=4, padding=3)
-        self.conv2 = CRelu(48, 64, 5, stride=2, padding=2)
-        self.inception1 = Inception()
-        self.inception2 = Inception()
-        self.inception3 = Inception()
-        self.conv3_1 = BasicConv2d(128, 128, 1)
+        if backbone is None:
+            self.conv1 = CRelu(channels, 24, 7, stride=4, padding=3)
+            self.conv2 = CRelu(48, 64, 5, stride=2, padding=2)
+            self.inception1 = Inception()
+            self.inception2 = Inception()
+            self.inception3 = Inception()
+            c32 = 128
+        else:  # one map at stride 32 (models/timm_backbone.py); the stages to recompute are its own
+            if list(backbone.strides) != [32]:
+                raise ValueError(f"FaceBoxes needs a backbone's stride-32 map, got strides {list(backbone.strides)}")
+            self.backbone = backbone
+            c32 = backbone.out_channels[0]
+        self.conv3_1 = BasicConv2d(c32, 128, 1)
         self.conv3_2 = BasicConv2d(128, 256, 3, stride=2, padding=1)
         self.conv4_1 = BasicConv2d(256, 128, 1)
         self.conv4_2 = BasicConv2d(128, 256, 3, stride=2, padding=1)
-        cins = (128, 256, 256)
+        cins = (c32, 256, 256)
         self.loc = nn.ModuleList(
             nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(cins, num_anchors, strict=True)
         )
@@ -113,10 +126,14 @@ class FaceBoxesNet(nn.Module):
         return list(self.conf)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # modules looked up per call: a SyncBatchNorm conversion replaces them after __init__
-        for s, stage in enumerate((self._rdcl1, self._rdcl2, self.inception1, self.inception2, self.inception3)):
-            x = run_stage(self, stage, x, s < self.recompute)
-        s1 = x
+        if hasattr(self, "backbone"):
+            s1 = self.backbone(x)[0]
+        else:
+            # modules looked up per call: a SyncBatchNorm conversion replaces them after __init__
+            stages = (self._rdcl1, self._rdcl2, self.inception1, self.inception2, self.inception3)
+            for s, stage in enumerate(stages):
+                x = run_stage(self, stage, x, s < self.recompute)
+            s1 = x
         s2 = self.conv3_2(self.conv3_1(s1))
         s3 = self.conv4_2(self.conv4_1(s2))
         feats = (s1, s2, s3)
@@ -133,5 +150,10 @@ def build_faceboxes(recipe: Recipe) -> AnchorDetector:
     on stride 32, 256 on stride 64, 512 on stride 128 (21 + 1 + 1 anchors per cell, 21824 at 1024 px)."""
     # validation completes [model.anchors] from the paper's; None only if validation was skipped
     anchors = recipe.model.anchors or AnchorConfig()
-    k, c = recipe.num_classes, recipe.model.channels
-    return build_anchor_detector(recipe, lambda na: FaceBoxesNet(k, na, channels=c), anchors)
+    k, c, spec = recipe.num_classes, recipe.model.channels, recipe.model.backbone
+
+    def make_net(num_anchors: list[int]) -> FaceBoxesNet:
+        backbone = TimmBackbone(spec, "faceboxes", c) if spec else None
+        return FaceBoxesNet(k, num_anchors, channels=c, backbone=backbone)
+
+    return build_anchor_detector(recipe, make_net, anchors)

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from accel_det.config import AnchorConfig, Recipe
+from accel_det.errors import RecipeError
 from accel_det.losses.multibox import MultiBoxLoss
 from accel_det.models.init import init_conf_bias, init_weights
 from accel_det.models.priors import PriorBox
@@ -173,12 +174,14 @@ def build_anchor_detector(
     m = recipe.model
     priors = PriorBox(anchors)
     net = make_net(priors.num_anchors())
+    label = f"{m.name} on {m.backbone}" if m.backbone else m.name
     if list(net.strides) != list(anchors.steps):
-        raise ValueError(
-            f"model.anchors.steps = {list(anchors.steps)} but {m.name} has feature strides "
-            f"{list(net.strides)}"
+        # validation knows the strides of native nets and of the catalog's timm names; other timm nets get here
+        raise RecipeError(
+            f"model.anchors.steps: {list(anchors.steps)} but {label} has feature strides {list(net.strides)}: "
+            "set [model.anchors] steps (and min_sizes, aspect_ratios) for these"
         )
-    set_recompute(net, m.recompute, m.name)
+    set_recompute(net, m.recompute, label)
     init_weights(net, m.init)
     for conv in net.classification_convs():
         init_conf_bias(conv, recipe.num_classes)
@@ -190,4 +193,8 @@ def build_anchor_detector(
         loss_fp32=recipe.train.loss_fp32,
     )
     post = PostProcess(anchors.variance, recipe.eval.conf_thres, recipe.eval.iou_thres, recipe.eval.max_det)
+    # a timm backbone's weights expect its pretrained config's normalisation (models/timm_backbone.py)
+    norm = getattr(getattr(net, "backbone", None), "norm", None)
+    if mean is None and norm is not None:
+        mean, std = norm
     return AnchorDetector(net, priors, criterion, post, channels=m.channels, mean=mean, std=std)

@@ -6,6 +6,9 @@ that is 16x16 ... 2x2 (20x20 ... 3x3), enough for objects from ~10 px to the who
 extra layers torchvision's SSD300 stacks down to 1x1 would only cost time on such small inputs.
 Backbone submodules keep torchvision's names: ``net.backbone.`` + a torchvision state-dict key
 (``features.*`` of MobileNetV3, ``conv1``/``layer*`` of ResNet-18; their classifiers are dropped).
+With ``model.backbone = "timm:<name>"`` both names build the same SSD-lite head on that timm net
+(models/timm_backbone.py, ``net.backbone.body.`` + timm's keys), with as many extra blocks as it takes to
+reach four maps.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from accel_det.catalog import (  # noqa: F401  (SSD_SIZE_FRACTIONS: re-exported)
     MOBILENET_V3_STAGES,
     RESNET18_STAGES,
     SSD_SIZE_FRACTIONS,
+    SSD_STRIDES,
     ssd_anchors,
 )
 from accel_det.config import AnchorConfig, Recipe
 from accel_det.models.base import MODELS
 from accel_det.models.native import AnchorDetector, build_anchor_detector, flatten_heads
 from accel_det.models.recompute import run_stage
+from accel_det.models.timm_backbone import TimmBackbone
 
 
 def default_ssd_anchors(img_dim: int) -> AnchorConfig:
@@ -187,8 +192,17 @@ class SSDLiteNet(nn.Module):
 def _build(recipe: Recipe, make_backbone: Callable[[int], nn.Module]) -> AnchorDetector:
     # validation completes [model.anchors] from ssd_anchors(img_dim); None only if validation was skipped
     anchors = recipe.model.anchors or default_ssd_anchors(recipe.model.img_dim)
-    k, c = recipe.num_classes, recipe.model.channels
-    return build_anchor_detector(recipe, lambda na: SSDLiteNet(make_backbone(c), k, na), anchors)
+    k, c, spec = recipe.num_classes, recipe.model.channels, recipe.model.backbone
+    if spec:
+        make_backbone = partial(TimmBackbone, spec, recipe.model.name)
+
+    def make_net(num_anchors: list[int]) -> SSDLiteNet:
+        backbone = make_backbone(c)
+        # one extra block per map the backbone lacks (native: strides 8/16/32 + one at 64)
+        extras = (256,) * max(len(SSD_STRIDES) - len(backbone.out_channels), 0)
+        return SSDLiteNet(backbone, k, num_anchors, extras)
+
+    return build_anchor_detector(recipe, make_net, anchors)
 
 
 @MODELS.register("ssdlite_mobilenet_v3")

@@ -28,6 +28,13 @@ def convert_sync_bn(
     kind = torch.device(device).type if device is not None else "cuda"
     if kind not in (*_SYNC_DEVICES, torch._C._get_privateuse1_backend_name()):
         return model, f"model.sync_bn: SyncBatchNorm needs GPUs (running on {kind}), BatchNorm kept"
-    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if any(type(m).__module__.startswith("timm.") for m in norms):
+        # timm's BatchNormAct2d holds its activation: torch's converter would drop it (models/timm_backbone.py)
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    else:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    count = len(norms)
     return model, f"model.sync_bn: {count} BatchNorm layers -> SyncBatchNorm over {num_processes} processes"
