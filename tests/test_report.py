@@ -37,6 +37,7 @@ def _main(argv: list[object]) -> int:
 
 
 def _train(tmp: Path, **over: object) -> Path:
+    over = {"output.report": "true", **over}
     assert _main(["train", DEMO, *tiny_overrides(tmp / "runs", tmp / "data", **over)]) == 0
     return tmp / "runs" / "demo" / "round1"
 

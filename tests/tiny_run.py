@@ -22,6 +22,7 @@ def tiny_overrides(out_root: Path, data_root: Path, **extra: object) -> list[str
         "scheduler.warmup_iters": 2,
         "eval.freq": 1,
         "output.checkpoint_freq": 1,
+        "output.report": "false",  # ~2 s of figures per run; tests/test_report.py turns it on
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
