@@ -113,7 +113,12 @@ class ModelConfig(Table):
     init: Literal["default", "xavier", "kaiming"] = Field(
         "default", description="Weight init of native models (xavier/kaiming as in FaceBoxes/YOLO)"
     )
-    loc_loss: Literal["smooth_l1", "l1"] = Field("smooth_l1", description="MultiBox localisation loss")
+    loc_loss: Literal["smooth_l1", "l1", "giou", "diou", "ciou"] = Field(
+        "smooth_l1",
+        description="MultiBox localisation loss: smooth_l1/l1 on the encoded offsets (SSD, FaceBoxes), or an IoU "
+        "loss on the decoded boxes (torchvision.ops: generalized, distance, complete IoU)",
+    )
+    loc_weight: PosFloat = Field(1.0, description="Weight of the localisation term against the classification one")
     neg_pos_ratio: PosFloat = Field(3.0, description="MultiBox hard-negative mining negatives per positive")
     match_iou: Prob = Field(0.35, description="MultiBox: IoU for a prior to match a ground-truth box")
     sync_bn: StrictBool = Field(False, description="BatchNorm -> SyncBatchNorm with several GPU processes")

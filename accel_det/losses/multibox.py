@@ -11,9 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from accel_det.ops.boxes import BoxCoder, cxcywh_to_xyxy
+
+# on the encoded offsets
+OFFSET_LOSSES = {"smooth_l1": F.smooth_l1_loss, "l1": F.l1_loss}
+# on the decoded xyxy boxes
+IOU_LOSSES = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss, "ciou": complete_box_iou_loss}
+LOC_LOSSES = (*OFFSET_LOSSES, *IOU_LOSSES)
 
 
 def match(
@@ -64,14 +70,16 @@ class MultiBoxLoss(nn.Module):
         loc_loss: str = "smooth_l1",
         loss_fp32: bool = True,
         empty_negatives: int = 16,
+        loc_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if loc_loss not in ("smooth_l1", "l1"):
-            raise ValueError(f"loc_loss must be 'smooth_l1' or 'l1', got {loc_loss!r}")
+        if loc_loss not in LOC_LOSSES:
+            raise ValueError(f"loc_loss must be one of {', '.join(LOC_LOSSES)}, got {loc_loss!r}")
         self.coder = BoxCoder(variance)
         self.match_iou = match_iou
         self.neg_pos_ratio = neg_pos_ratio
         self.loc_loss = loc_loss
+        self.loc_weight = loc_weight
         self.loss_fp32 = loss_fp32
         # SSD mines neg_pos_ratio * #pos negatives, i.e. none on an image without objects, which then
         # teaches nothing about false positives; give such images a fixed small number instead.
@@ -112,9 +120,16 @@ class MultiBoxLoss(nn.Module):
         denom = num_pos.sum().clamp(min=1).to(loc.dtype)
 
         # Localisation: only matched priors regress (the seed uses L1, SSD/FaceBoxes smooth L1).
-        loc_t = self.coder.encode(matched[pos], priors.expand_as(matched)[pos])
-        loss_fn = F.smooth_l1_loss if self.loc_loss == "smooth_l1" else F.l1_loss
-        loss_loc = loss_fn(loc[pos], loc_t, reduction="sum") / denom
+        pos_priors = priors.expand_as(matched)[pos]
+        if self.loc_loss in OFFSET_LOSSES:
+            loc_t = self.coder.encode(matched[pos], pos_priors)
+            loss_loc = OFFSET_LOSSES[self.loc_loss](loc[pos], loc_t, reduction="sum") / denom
+        else:
+            # An IoU loss scores the box itself rather than four offsets weighted by the variances: what the
+            # stricter IoUs of AP@[.5:.95] reward (GIoU: Rezatofighi et al. 2019; DIoU/CIoU: Zheng et al. 2020).
+            boxes_p = self.coder.decode(loc[pos], pos_priors)
+            loss_loc = IOU_LOSSES[self.loc_loss](boxes_p, matched[pos], reduction="sum") / denom
+        loss_loc = loss_loc * self.loc_weight
 
         # Classification with hard negative mining: rank the negatives of each image by their CE and
         # keep the top neg_pos_ratio * #pos, so the ~1000:1 background imbalance does not swamp the loss.

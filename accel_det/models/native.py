@@ -190,6 +190,7 @@ def build_anchor_detector(
         match_iou=m.match_iou,
         neg_pos_ratio=m.neg_pos_ratio,
         loc_loss=m.loc_loss,
+        loc_weight=m.loc_weight,
         loss_fp32=recipe.train.loss_fp32,
     )
     post = PostProcess(anchors.variance, recipe.eval.conf_thres, recipe.eval.iou_thres, recipe.eval.max_det)
