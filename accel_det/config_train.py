@@ -17,9 +17,16 @@ import sys
 from importlib.machinery import ModuleSpec, PathFinder
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, Strict, field_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    Strict,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from accel_det.config_types import NonNegFloat, PosFloat, PosInt, StrictBool, StrictInt, Table
+from accel_det.config_types import KeyedError, NonNegFloat, PosFloat, PosInt, StrictBool, StrictInt, Table
 
 DecayRate = Annotated[float, Strict(), Field(gt=0, lt=1)]  # (0, 1): an EMA decay of 0 or 1 averages nothing
 
@@ -99,7 +106,12 @@ def import_target(target: str) -> Any:
 
 
 class TrainConfig(Table):
-    max_epoch: PosInt = Field(30, description="Epochs to train")
+    max_epoch: PosInt = Field(30, description="Epochs to train (exclusive with time_budget_minutes)")
+    time_budget_minutes: PosFloat | None = Field(
+        None,
+        description="Train for this long instead of max_epoch epochs: the epochs are planned from the measured "
+        "epoch and evaluation times, the LR schedule and [[data.stages]] are fitted to them (README: Time budget)",
+    )
     accumulation_freq: PosInt = Field(1, description="Batches per optimizer step (gradient accumulation)")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="'auto' takes the launcher's setting"
@@ -112,6 +124,14 @@ class TrainConfig(Table):
     log_freq: PosInt = Field(10, description="Batches between plain log lines when stdout is not a TTY")
     cudnn_benchmark: StrictBool = Field(True, description="torch.backends.cudnn.benchmark")
     loss_fp32: StrictBool = Field(True, description="Compute native models' losses in fp32 under autocast")
+    channels_last: Literal["auto"] | StrictBool = Field(
+        "auto",
+        description="Model weights in channels_last (NHWC) memory format; auto: on for the models it speeds up "
+        "(MobileNet/FaceBoxes/ResNet-18 heads: 1.1-1.5x on CPU, BENCHMARKS.md), off for the others",
+    )
+    compile: StrictBool = Field(
+        False, description="torch.compile the model (MindYOLO ms_jit); falls back to eager with a note if it fails"
+    )
     max_nonfinite: PosInt = Field(20, description="Non-finite steps in a row (each skipped) that stop the run")
     loss_scale: LossScaleConfig = Field(default_factory=LossScaleConfig)
     profile_steps: list[PosInt] = Field(
@@ -121,6 +141,22 @@ class TrainConfig(Table):
     callbacks: list[CallbackConfig] = Field(
         default_factory=list, description="User hooks: [[train.callbacks]] target = 'pkg.module:Class', kwargs"
     )
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        # explicitly set only: the default max_epoch is no choice to conflict with
+        if self.time_budget_minutes is not None and "max_epoch" in self.model_fields_set:
+            raise KeyedError("time_budget_minutes", "exclusive with train.max_epoch, which is set too: a run lasts "
+                             "either so many epochs or so many minutes; remove one of the two keys")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # recipe.json of a budgeted run must validate again: without max_epoch's unused default in it
+        out = handler(self)
+        if self.time_budget_minutes is not None:
+            out.pop("max_epoch", None)
+        return out
 
     @field_validator("profile_steps")
     @classmethod

@@ -36,7 +36,7 @@ BAD = [
     ('[model]\nnum_classes = 7\n', "model.num_classes = 7 but data.class_names has 3 names"),
     ('[train]\nmax_epoch = "ten"\n', "train.max_epoch: Input should be a valid integer"),
     ('[scheduler]\nwarmup_factor = 1.5\n', "scheduler.warmup_factor: Input should be less than or equal to 1"),
-    ('[data]\nformat = "pascal"\n', "data.format: Input should be 'voc', 'coco', 'yolo' or 'synthetic'"),
+    ('[data]\nformat = "pascal"\n', "data.format: Input should be 'voc', 'coco', 'yolo', 'hf' or 'synthetic'"),
     ('[data]\nclass_names = ["a", "a"]\n', "data.class_names: duplicate class names: a"),
     ('[data]\nclass_names = []\n', "data.class_names: needs at least one class name"),
     ('[mission]\nname = "../etc"\n', "mission.name: must be a non-empty name"),

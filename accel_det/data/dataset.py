@@ -67,11 +67,18 @@ class StagedTransforms:
     def __init__(self, starts: Sequence[int], pipelines: Sequence[Transforms]) -> None:
         if not pipelines or len(starts) != len(pipelines) or starts[0] != 0 or list(starts) != sorted(starts):
             raise ValueError(f"stage starts {list(starts)} do not fit {len(pipelines)} pipelines")
-        self.starts = list(starts)
+        # in shared memory, as the epoch: a time budget moves the stages while persistent workers run
+        self.starts = torch.tensor(list(starts), dtype=torch.int64).share_memory_()
         self.pipelines = list(pipelines)
 
+    def set_starts(self, starts: Sequence[int]) -> None:
+        """New stage starts (engine/budget.py); call it before the epoch's iterator is made, as set_epoch."""
+        if len(starts) != len(self.pipelines) or starts[0] != 0 or list(starts) != sorted(starts):
+            raise ValueError(f"stage starts {list(starts)} do not fit {len(self.pipelines)} pipelines")
+        self.starts[:] = torch.tensor(list(starts), dtype=torch.int64)
+
     def at(self, epoch: int) -> Transforms:
-        return self.pipelines[max(bisect_right(self.starts, epoch) - 1, 0)]
+        return self.pipelines[max(bisect_right(self.starts.tolist(), epoch) - 1, 0)]
 
 
 def _splitmix64(x: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,13 @@ class TrainState:
     # the log window a signal interrupted: its losses so far (reduced) and size, continued after a resume
     window_loss_sums: dict[str, float] = field(default_factory=dict)
     window_loss_count: int = 0
+    # train.time_budget_minutes: the plan as a checkpoint saved it (engine/budget.py), and while training the
+    # function that reads the plan as it is now (the budget used so far goes on growing)
+    budget: dict[str, Any] | None = None
+    budget_live: Callable[[], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, **extra: Any) -> dict[str, Any]:
+        budget = self.budget_live() if self.budget_live is not None else self.budget
         return {
             "epoch": self.epoch,
             "global_step": self.global_step,
@@ -60,11 +66,15 @@ class TrainState:
             "epoch_hooks_done": self.epoch_hooks_done,
             "window_loss_sums": self.window_loss_sums,
             "window_loss_count": self.window_loss_count,
+            **({"budget": budget} if budget is not None else {}),
             **extra,
         }
 
 
 class Hook:
+    def planned(self, max_epoch: int) -> None:
+        """The run's length: called before training and whenever a time budget re-plans it."""
+
     def before_train(self, state: TrainState) -> None: ...
     def after_step(self, state: TrainState) -> None: ...
     def after_epoch(self, state: TrainState) -> None: ...
@@ -88,6 +98,9 @@ class EvalHook(Hook):
         self.eval_dir = run_dir / "eval"
         self.log = log
         self._said_unscorable = False
+
+    def planned(self, max_epoch: int) -> None:
+        self.max_epoch = max_epoch  # the last epoch always evaluates
 
     def due(self, epoch: int) -> bool:
         if not self.cfg.compute_map:
@@ -154,6 +167,14 @@ class CheckpointHook(Hook):
         self.extra_state = extra_state
         self.log = log
         self.saved_at: tuple[int, int] | None = None  # (epoch, batch) of the newest save
+        self.save_seconds: list[float] = []  # what saves take, for a time budget's plan
+
+    def planned(self, max_epoch: int) -> None:
+        self.max_epoch = max_epoch  # the last epoch always saves
+
+    def mean_save_seconds(self) -> float | None:
+        recent = self.save_seconds[-3:]
+        return sum(recent) / len(recent) if recent else None
 
     def save(self, state: TrainState) -> Path:
         """Collective. A checkpoint of exactly where ``state`` is (mid-epoch when batch_in_epoch > 0)."""
@@ -161,7 +182,9 @@ class CheckpointHook(Hook):
         name = checkpoint_name(state.epoch, state.global_step, mid_epoch=mid)
         if self.saved_at == (state.epoch, state.batch_in_epoch):
             return self.checkpointer.root / name
+        t0 = time.perf_counter()
         path = self.checkpointer.save(name, state.to_dict(**self.extra_state()), recipe=self.recipe_json)
+        self.save_seconds.append(time.perf_counter() - t0)
         self.saved_at = (state.epoch, state.batch_in_epoch)
         self.log.info(f"checkpoint: {path}")
         return path

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,10 +98,16 @@ def format_seconds(seconds: float | None) -> str:
 
 
 class RunClock:
-    """The ETA of the whole run from measured rates: seconds per training batch (this session's mean) and the
-    time spent between epochs (evaluation and checkpoints), measured separately for epochs with and without
-    an evaluation. Until the first evaluation is timed it is estimated as the val batches at a third of a
-    training batch each (a forward pass without backward)."""
+    """The ETA of the whole run from measured rates: seconds per training batch and the time spent between
+    epochs (evaluation and checkpoints), measured separately for epochs with and without an evaluation. Until
+    the first evaluation is timed it is estimated as the val batches at a third of a training batch each (a
+    forward pass without backward). Each rate is the median over the last ``RECENT`` epochs: it follows a
+    machine whose speed changes, and one epoch slowed by a burst of load elsewhere does not swing it. Until an
+    epoch has finished, the current one's batches give the rate; the session's first batch carries the
+    start-up (DataLoader workers, allocations, compilation) and counts only while it is all there is. A time
+    budget (engine/budget.py) plans the run's epochs from the same numbers."""
+
+    RECENT = 5
 
     def __init__(self, max_epoch: int, batches_per_epoch: int, eval_due: Callable[[int], bool],
                  val_batches: int) -> None:
@@ -107,29 +115,54 @@ class RunClock:
         self.batches = batches_per_epoch
         self.eval_due = eval_due
         self.val_batches = val_batches
-        self.train_seconds = 0.0
-        self.train_batches = 0
+        self.first: tuple[int, float] | None = None  # (batches, seconds) of the session's first add_batches
+        self.epochs: list[tuple[int, float]] = []  # (batches, seconds) of each finished epoch, the first left out
+        self.current = (0, 0.0)  # the same for the epoch in progress
         self.between: dict[bool, list[float]] = {True: [], False: []}  # eval ran -> seconds after epochs
 
     def add_batches(self, n: int, seconds: float) -> None:
-        self.train_batches += n
-        self.train_seconds += seconds
+        if self.first is None:
+            self.first = (n, seconds)
+        else:
+            self.current = (self.current[0] + n, self.current[1] + seconds)
+
+    def end_epoch(self) -> None:
+        if self.current[0]:
+            self.epochs.append(self.current)
+        self.current = (0, 0.0)
+
+    def measured_batches(self) -> int:
+        """Batches timed this session, the first left out."""
+        return sum(n for n, _ in self.epochs) + self.current[0]
+
+    def per_batch(self) -> float | None:
+        """Seconds per training batch, recently; None before any batch."""
+        if self.epochs:
+            return statistics.median(s / n for n, s in self.epochs[-self.RECENT:])
+        if self.current[0]:
+            return self.current[1] / self.current[0]
+        return self.first[1] / self.first[0] if self.first is not None and self.first[0] else None
 
     def add_between(self, epoch: int, seconds: float) -> None:
         self.between[self.eval_due(epoch)].append(seconds)
 
+    def recent_between(self, evaluated: bool) -> float | None:
+        """The recent time of an epoch end with (or without) an evaluation; None before one."""
+        seen = self.between[evaluated][-self.RECENT:]
+        return statistics.median(seen) if seen else None
+
     def _after(self, epoch: int, per_batch: float) -> float:
         kind = self.eval_due(epoch)
-        seen = self.between[kind]
-        if seen:
-            return sum(seen) / len(seen)
+        seen = self.recent_between(kind)
+        if seen is not None:
+            return seen
         return self.val_batches * per_batch / 3 if kind else 0.0
 
     def eta(self, epoch: int, batches_done: int) -> float | None:
         """Seconds left, standing in 0-based ``epoch`` after ``batches_done`` of its batches."""
-        if not self.train_batches:
+        per_batch = self.per_batch()
+        if per_batch is None:
             return None
-        per_batch = self.train_seconds / self.train_batches
         batches_left = (self.batches - batches_done) + (self.max_epoch - epoch - 1) * self.batches
         return batches_left * per_batch + sum(self._after(e, per_batch) for e in range(epoch + 1, self.max_epoch + 1))
 
@@ -169,11 +202,22 @@ class TrainProgress:
         if self._bar is not None:
             self._bar.stop()
 
+    def close_gap(self, epoch: int) -> None:
+        """Time what the hooks took after the previous epoch (``epoch`` of them done); ``start_epoch`` does it
+        too if this was not called first (a time budget calls it to plan with the time)."""
+        if self._t_epoch_end is not None:
+            self.clock.add_between(epoch, time.perf_counter() - self._t_epoch_end)
+            self._t_epoch_end = None
+
+    def set_max_epoch(self, max_epoch: int) -> None:
+        """The run's length changed (a time budget planned it): the ETA and the epoch counts follow."""
+        self.max_epoch = self.clock.max_epoch = max_epoch
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, description=f"epoch {self._epoch + 1}/{max_epoch}")
+
     def start_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        now = time.perf_counter()
-        if self._t_epoch_end is not None:  # what the hooks took after the previous epoch
-            self.clock.add_between(epoch, now - self._t_epoch_end)
-        self._epoch, self._t_batch = epoch, now
+        self.close_gap(epoch)
+        self._epoch, self._t_batch = epoch, time.perf_counter()
         if self._bar is not None:
             if self._task is not None:
                 self._bar.remove_task(self._task)
@@ -204,6 +248,7 @@ class TrainProgress:
         stats = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
         self.log.info(f"epoch {epoch + 1}/{self.max_epoch} done in {seconds:.1f} s: {stats} lr {lr:.2e} "
                       f"{img_per_s:.1f} img/s, run ETA {self.eta(self.batches - 1)}")
+        self.clock.end_epoch()
         self._t_epoch_end = time.perf_counter()
 
 
@@ -244,13 +289,20 @@ class LossMeter:
         self.state.window_loss_count = self.count
 
 
-def log_stage(log: RunLog, data: Any, epoch: int, first: bool) -> None:
-    """``[[data.stages]]``: name the stage an epoch starts (and the one a run starts or resumes in)."""
+def log_stage(log: RunLog, data: Any, epoch: int, first: bool, starts: list[int] | None = None) -> None:
+    """``[[data.stages]]``: name the stage an epoch starts (and the one a run starts or resumes in). ``starts``:
+    the stages' first epochs when a time budget moved them (else ``data``'s)."""
     if not data.stages:
         return
-    index, augments = data.stage_of(epoch)
-    if first or index != data.stage_of(epoch - 1)[0]:
-        log.info(f"stage {index + 1}/{len(data.stages)} from epoch {epoch + 1}: augments "
+    starts = starts if starts is not None else data.stage_starts()
+
+    def index(e: int) -> int:
+        return max(bisect_right(starts, e) - 1, 0)
+
+    i = index(epoch)
+    if first or i != index(epoch - 1):
+        augments = data.stages[i].augments or []
+        log.info(f"stage {i + 1}/{len(data.stages)} from epoch {epoch + 1}: augments "
                  f"{', '.join(augments) or 'none (resize only)'}")
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from accel_det.config import Recipe
 from accel_det.data import DetectionDataset, build_dataset, build_train_loader, build_val_loader
 from accel_det.data.builder import eval_splits
+from accel_det.engine.budget import run_length
 from accel_det.engine.checkpoint import (
     Checkpointer,
     check_same_model,
@@ -50,12 +51,14 @@ from accel_det.engine.hooks import (
     Hook,
     TrainState,
 )
+from accel_det.engine.model_speed import apply_memory_format, compile_model
 from accel_det.engine.progress import RunLog
 from accel_det.engine.summary import model_summary
 from accel_det.errors import CheckpointError, DataError, describe
 from accel_det.models import build_model
 from accel_det.models.sync_bn import convert_sync_bn
 from accel_det.optim import ModelEMA, build_optimizer, build_scheduler, jump_to_step
+from accel_det.report.hook import ReportHook
 
 
 @dataclass
@@ -132,8 +135,9 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog,
             log.info(f"note: put back checkpoint {name}, left aside by a save that was interrupted")
     accelerator.wait_for_everyone()
     resume = _setup_resume_point(recipe, run_dir)
-    if resume is not None and resume.epoch >= recipe.train.max_epoch and resume.finished(run_dir):
-        _say_finished(accelerator, run_dir, resume, recipe.train.max_epoch)
+    length = run_length(recipe, resume.trainer_state) if resume is not None else None  # a budget: as planned
+    if resume is not None and length is not None and resume.epoch >= length and resume.finished(run_dir):
+        _say_finished(accelerator, run_dir, resume, length, recipe.train.time_budget_minutes is not None)
         if lock is not None:
             lock.close()
         return None
@@ -192,8 +196,13 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog,
 
     # what is evaluated, saved at the end and served: the EMA weights when there are any
     served = ema.module if ema is not None else model
+    # plots/ and report.html at the end, from the last evaluation's predictions (it keeps the val evaluator's)
     evaluators = {split: Evaluator(served, loader, accelerator, recipe, ds.category_ids)
                   for (split, ds), loader in zip(val_sets.items(), val_loaders)}
+    report = None
+    if recipe.output.report:
+        report = ReportHook(recipe, accelerator, run_dir, log, train_set, val_sets["val"], ema is not None)
+        evaluators = report.watch(evaluators)
     eval_hook = EvalHook(evaluators, recipe.eval, recipe.train.max_epoch, run_dir, log)
     checkpoint = CheckpointHook(checkpointer, recipe.output, recipe.train.max_epoch, len(train_loader),
                                 eval_hook.due, recipe.model_dump(mode="json"),
@@ -206,6 +215,7 @@ def _setup(recipe: Recipe, accelerator: Accelerator, run_dir: Path, log: RunLog,
         eval_hook,
         BestCheckpointHook(checkpointer, recipe.output.save_best, eval_hook.due),
         FinalWeightsHook(accelerator, served, run_dir),
+        *([report] if report else []),  # after the final weights: a slow or failing figure cannot cost them
         *extra_hooks,
         *hooks,
     ]
@@ -245,7 +255,12 @@ def _setup_resume_point(recipe: Recipe, run_dir: Path) -> ResumePoint | None:
     return ResumePoint(path, read_trainer_state(path))
 
 
-def _say_finished(accelerator: Accelerator, run_dir: Path, resume: ResumePoint, max_epoch: int) -> None:
+def _say_finished(accelerator: Accelerator, run_dir: Path, resume: ResumePoint, max_epoch: int,
+                  budget: bool = False) -> None:
+    if budget:  # its LR schedule has ended: more epochs would not continue it
+        accelerator.print(f"{run_dir}: finished (last checkpoint {resume.path.name}, {max_epoch} epochs planned for "
+                          "train.time_budget_minutes); nothing changed. Set mission.round for a new run")
+        return
     if resume.epoch > max_epoch:
         accelerator.print(f"warning: train.max_epoch = {max_epoch} is lower than the epoch of the run's last "
                           f"checkpoint ({resume.epoch})")
@@ -285,6 +300,8 @@ def _setup_model(recipe: Recipe, accelerator: Accelerator, log: RunLog) -> nn.Mo
     if recipe.model.sync_bn:
         model, note = convert_sync_bn(model, accelerator.num_processes, accelerator.device)
         log.info(f"note: {note}")
+    model = apply_memory_format(model, recipe)
+    compile_model(model.to(accelerator.device), recipe, log)
     return model
 
 
@@ -307,6 +324,7 @@ def _resume(checkpointer: Checkpointer, resume: ResumePoint, state: TrainState, 
     state.epoch_hooks_done = bool(saved.get("epoch_hooks_done", True))
     state.window_loss_sums = dict(saved.get("window_loss_sums") or {})
     state.window_loss_count = int(saved.get("window_loss_count", 0))
+    state.budget = saved.get("budget")  # a time budget's plan: train() keeps it (engine/budget.py)
     changed = [k for k, v in now.items() if saved.get(k, v) != v]
     if changed:
         # Another process count, batch size or accumulation. The schedule is defined in epochs: re-express the

@@ -17,8 +17,9 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from accel_det.config import Recipe
+from accel_det.engine.budget import TimeBudget
 from accel_det.engine.evaluator import to_float_images
-from accel_det.engine.hooks import Hook, TrainState
+from accel_det.engine.hooks import FinalWeightsHook, Hook, TrainState
 from accel_det.engine.preempt import StopRequest, terminate_raises
 from accel_det.engine.progress import LossMeter, RunClock, TrainProgress, log_stage, report_replaced
 from accel_det.engine.setup import Run, setup
@@ -35,26 +36,41 @@ def run_training(recipe: Recipe, hooks: Sequence[Hook] = ()) -> TrainState | Non
 
 def train(run: Run) -> TrainState:
     recipe, state, log = run.recipe, run.state, run.log
-    max_epoch, first_epoch = recipe.train.max_epoch, state.epoch
-    clock = RunClock(max_epoch, len(run.train_loader), run.eval_due, len(run.val_loader))
-    success, where = False, f"in epoch {state.epoch + 1}/{max_epoch}"
+    first_epoch = state.epoch
+    clock = RunClock(recipe.train.max_epoch, len(run.train_loader), run.eval_due, len(run.val_loader))
+    progress = TrainProgress(log, clock, recipe.train.log_freq)
+    budget: TimeBudget | None = None
+    success, where = False, "at the start"
     try:
+        # train.time_budget_minutes: the epochs are planned, and re-planned, while training (engine/budget.py)
+        if recipe.train.time_budget_minutes is not None:
+            budget = TimeBudget(run, clock, progress)
+        for hook in run.hooks:
+            hook.planned(_length(run, budget))
+        where = f"in epoch {state.epoch + 1}/{_length(run, budget)}"
         with StopRequest(run.accelerator) as stop:
             for hook in run.hooks:
                 hook.before_train(state)
             if not state.epoch_hooks_done:  # resumed from an epoch's checkpoint whose evaluation never finished
-                where = f"after epoch {state.epoch}/{max_epoch} (evaluation, checkpoint)"
+                where = f"after epoch {state.epoch}/{_length(run, budget)} (evaluation, checkpoint)"
                 _after_epoch(run)
             run.model.train()
-            with TrainProgress(log, clock, recipe.train.log_freq) as progress:
-                for epoch in range(state.epoch, max_epoch):
+            with progress:
+                while state.epoch < _length(run, budget):
+                    epoch = state.epoch
+                    if budget is not None:
+                        progress.close_gap(epoch)  # the previous epoch's evaluation and checkpoint, timed
+                        budget.before_epoch()
+                    max_epoch = _length(run, budget)
                     run.train_set.set_epoch(epoch)  # augmentations draw from (seed, epoch, sample index)
                     run.train_loader.set_epoch(epoch)  # the shuffle
                     where = f"in epoch {epoch + 1}/{max_epoch}"
-                    log_stage(log, recipe.data, epoch, first=epoch == first_epoch)
+                    log_stage(log, recipe.data, epoch, first=epoch == first_epoch,
+                              starts=budget.stage_starts if budget is not None else None)
                     progress.start_epoch(epoch, state.batch_in_epoch)
                     t0 = time.perf_counter()
-                    img_per_s, skipped, stopped = train_one_epoch(run, epoch, progress, stop)
+                    img_per_s, skipped, stopped = train_one_epoch(run, epoch, progress, stop, budget)
+                    max_epoch = _length(run, budget)  # the first plan may come inside the first epoch
                     if stopped:
                         raise stop.stopped(str(run.checkpoint.save(state)))
                     seconds = time.perf_counter() - t0
@@ -73,7 +89,11 @@ def train(run: Run) -> TrainState:
             where = "at the end (final weights)"
             for hook in run.hooks:
                 hook.after_train(state)
+                if budget is not None and isinstance(hook, FinalWeightsHook):
+                    budget.weights_written()  # the budget ends here; the report is drawn after it
             run.checkpoint.mark(state, finished=True)
+            if budget is not None:
+                budget.finish()
         success = True
     except BaseException as exc:
         # stderr gets the error from the CLI wrapper; the run dir must say why and where the run stopped
@@ -88,6 +108,11 @@ def train(run: Run) -> TrainState:
     return state
 
 
+def _length(run: Run, budget: TimeBudget | None) -> int:
+    """The run's epochs: train.max_epoch, or what the time budget plans now."""
+    return budget.epochs if budget is not None else run.recipe.train.max_epoch
+
+
 def _after_epoch(run: Run) -> None:
     """The epoch-end hooks (checkpoint, evaluation, best, ...). The epoch's checkpoint records that they have
     not finished until they have: a run stopped among them runs them again when resumed."""
@@ -98,11 +123,11 @@ def _after_epoch(run: Run) -> None:
     run.checkpoint.mark(run.state, epoch_hooks_done=True)
 
 
-def train_one_epoch(run: Run, epoch: int, progress: TrainProgress,
-                    stop: StopRequest) -> tuple[float, int, bool]:
+def train_one_epoch(run: Run, epoch: int, progress: TrainProgress, stop: StopRequest,
+                    budget: TimeBudget | None = None) -> tuple[float, int, bool]:
     """One pass over the train loader, from ``state.batch_in_epoch`` (a mid-epoch resume skips the batches
     already trained on, without loading them). Returns (img/s, steps skipped for non-finite values, whether
-    a signal stopped it mid-epoch)."""
+    a signal stopped it mid-epoch). ``budget``: a time budget makes its first plan after a few steps."""
     acc, state, recipe = run.accelerator, run.state, run.recipe
     n_batches, accum, log_freq = len(run.train_loader), recipe.train.accumulation_freq, recipe.train.log_freq
     every = recipe.output.checkpoint_every_steps
@@ -156,6 +181,8 @@ def train_one_epoch(run: Run, epoch: int, progress: TrainProgress,
         if meter.count >= log_freq or i + 1 == n_batches or (every and state.global_step % every == 0):
             log_line(i)
             stop.sync()
+        if budget is not None:
+            budget.after_step()
         if not skipped:  # a skipped step changed nothing: no checkpoint of it, no EMA update
             for hook in run.hooks:
                 hook.after_step(state)

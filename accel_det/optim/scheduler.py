@@ -47,6 +47,17 @@ class LRFactor:
         self.warmup_iters = warmup_iters
         self.warmup_factor = warmup_factor
         self.warmup_method = warmup_method
+        # (step, progress) from where the schedule runs to its end at total_steps: a time budget re-times the
+        # rest of the run at a step, keeping the progress reached there (set_length); (0, 0) = from the start
+        self.anchor: tuple[int, float] = (0, 0.0)
+
+    def progress(self, step: int) -> float:
+        """How far into the schedule ``step`` is, 0 to 1: linear from the anchor to ``total_steps`` (before the
+        anchor, linear from 0: those steps are past and not asked for again)."""
+        s0, u0 = self.anchor
+        if step < s0:
+            return u0 * step / s0
+        return min(1.0, u0 + (step - s0) * (1.0 - u0) / max(self.total_steps - s0, 1))
 
     def warmup(self, step: int) -> float:
         if step >= self.warmup_iters:
@@ -62,7 +73,7 @@ class LRFactor:
         if self.name == "step":
             return self.gamma ** (step // self.step_size)
         if self.name == "cosine":
-            t = min(step, self.total_steps) / self.total_steps
+            t = self.progress(step)
             return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         return 1.0  # constant
 
@@ -171,6 +182,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch:
         # the group's base LR, before LambdaLR records it as initial_lr
         lambdas[i] = BiasLRFactor(factor, cfg.warmup_bias_lr / optimizer.param_groups[i]["lr"])
     return WarmupLR(optimizer, lambdas, cfg.warmup_iters, cfg.warmup_momentum)
+
+
+def set_length(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, step: int,
+               anchor: tuple[int, float] | None = None) -> tuple[int, float]:
+    """Make the schedule end at ``total_steps`` and put the LR of ``step`` in the optimizer: a time budget
+    re-plans the run's epochs while it trains (engine/budget.py). The rest of the schedule is re-timed from
+    ``step``, which keeps the progress it had reached: the LR goes on from where it is, without a jump, and
+    reaches the schedule's end at ``total_steps``. Only the cosine has a length to fit (a budget refuses the
+    epoch-valued milestones and step_size); warmup stays in steps. ``anchor``: the (step, progress) a saved
+    plan re-timed at, restored as it was. Returns the anchor now in force (a checkpoint keeps it)."""
+    factors = []
+    for fn in scheduler.lr_lambdas:  # the bias group's factor follows the main one it holds
+        factor = fn.main_factor if isinstance(fn, BiasLRFactor) else fn
+        if not isinstance(factor, LRFactor):
+            raise TypeError(f"set_length needs the schedule of build_scheduler, not {type(factor).__name__}")
+        factors.append(factor)
+    new = anchor if anchor is not None else (step, factors[0].progress(step))
+    for factor in factors:
+        factor.anchor, factor.total_steps = (int(new[0]), float(new[1])), max(1, total_steps)
+    jump_to_step(scheduler, step)
+    return factors[0].anchor
 
 
 def jump_to_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
