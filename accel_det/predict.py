@@ -9,77 +9,24 @@ letterbox. The images, resizing, drawing and JSON are the same code either way.
 Inputs are image files and folders (searched recursively; hidden files and folders and anything under
 ``--out`` are skipped, so a second run never predicts on the first one's drawings). Drawn files mirror the
 input paths under ``--out``; two inputs that would map to one name get a short hash of their full path.
-An image that cannot be read is reported and skipped, the others are predicted, and the exit code is 1.
+An image that cannot be read is reported (a ``warning: skipped`` line naming it, and an ``error`` entry at its
+place in predictions.json) and skipped, the others are predicted, and the exit code is 1.
 Every file is written whole (temp file + rename): a killed run leaves nothing half-written.
+
+Speed: ``--workers`` DataLoader processes decode and resize the images ahead of the forward pass (batches of
+``--batch-size``, results in input order), and as many threads (at least one) draw the PNGs while the next
+batches run (predict_io.py); ``--no-draw`` writes predictions.json only.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
-import os
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from accel_det.errors import DataError, UsageError, run_cli
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def collect_images(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
-    """(image file, its path relative to what was given) for every input image, in a stable order."""
-    from accel_det.data.common import IMAGE_SUFFIXES, is_hidden
-
-    out_abs = out.resolve()
-    found: list[tuple[Path, Path]] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if (is_hidden(f, p) or f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file()
-                        or _inside(f.resolve(), out_abs)):
-                    continue
-                found.append((f, f.relative_to(p)))
-        elif p.is_file():
-            found.append((p, Path(p.name)))
-        else:
-            raise DataError(f"{p}: no such image or folder")
-    seen: set[Path] = set()
-    unique = []
-    for f, rel in found:  # the same file given twice (directly and in a folder) is predicted once
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append((f, rel))
-    if not unique:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(inputs)}")
-    return unique
-
-
-def drawn_names(items: list[tuple[Path, Path]]) -> list[Path]:
-    """Output PNG paths (relative to --out): the input's relative path as .png; where two inputs collide
-    (a/x.jpg and a/x.png, or two folders of one name), each gets a hash of its full path in the name."""
-    plain = [rel.with_suffix(".png") for _, rel in items]
-    count = Counter(plain)
-    return [
-        name if count[name] == 1
-        else name.with_name(f"{name.stem}.{hashlib.sha1(str(f.resolve()).encode()).hexdigest()[:8]}.png")
-        for (f, _), name in zip(items, plain)
-    ]
-
-
-def _save_png(array: Any, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def _exported_file(run_dir: Path, checkpoint: str) -> Path | None:
@@ -117,18 +64,31 @@ def _open_exported(path: Path, run_dir: Path) -> tuple[Any, Any, list[str], int,
 
 
 def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best", conf: float = 0.3,
-            batch_size: int = 8) -> list[dict[str, Any]]:
+            batch_size: int = 8, workers: int | None = None, draw: bool = True) -> list[dict[str, Any]]:
+    """Predict on every image of ``inputs``; write ``out/predictions.json`` (and, with ``draw``, one PNG per
+    image) and return its entries, in input order. ``workers``: reader processes (None: ``default_workers``;
+    0: read in this process); as many threads (at least one) draw the PNGs."""
     import torch
-    from torchvision.utils import draw_bounding_boxes
 
-    from accel_det.data import eval_transforms, load_image, to_original
-    from accel_det.engine.distributed import write_json_atomic
+    from accel_det.data import eval_transforms, to_original
+    from accel_det.engine.evaluator import to_float_images
     from accel_det.engine.run import open_run
+    from accel_det.predict_io import (
+        Drawer,
+        collect_images,
+        default_workers,
+        drawn_names,
+        image_loader,
+        predictions_json,
+        write_text_atomic,
+    )
 
     if not (math.isfinite(conf) and 0.0 <= conf <= 1.0):
         raise UsageError(f"--conf {conf}: must be in [0, 1]")
     if batch_size <= 0:
         raise UsageError(f"--batch-size {batch_size}: must be > 0")
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers {workers}: must be >= 0")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     items = collect_images(inputs, out)
@@ -145,50 +105,54 @@ def predict(run_dir: Path, inputs: list[str], out: Path, checkpoint: str = "best
         model.to(device)
         resize, names, dim = eval_transforms(recipe), recipe.output_class_names, recipe.model.img_dim
         letterbox, channels = recipe.data.letterbox, recipe.model.channels
+    if workers is None:
+        workers = default_workers(cuda=(model.device if exported is not None else device.type) == "cuda")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create: {exc.strerror or exc}") from None
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any] | None] = [None] * len(items)
     skipped: list[str] = []
     pngs = drawn_names(items)
-    for start in range(0, len(items), batch_size):
-        batch = []
-        for (f, _), png in zip(items[start:start + batch_size], pngs[start:start + batch_size]):
-            try:
-                batch.append((f, png, load_image(f, channels)))
-            except DataError as exc:
-                skipped.append(str(exc))
-                results.append({"file": str(f), "error": str(exc)})
-        if not batch:
-            continue
-        x = torch.stack([resize(img) for _, _, img in batch]).to(device).float().div_(255)
-        with torch.inference_mode():
-            outputs = model(x)
-        for (f, png, img), det in zip(batch, outputs):
-            h, w = img.shape[-2:]
-            # the model saw the image resized (or letterboxed) to dim x dim: back to the image's own pixels
-            keep = det["scores"].cpu() >= conf
-            boxes = to_original(det["boxes"].cpu(), (h, w), dim, letterbox)[keep]
-            scores, labels = det["scores"].cpu()[keep], det["labels"].cpu()[keep]
-            text = [f"{names[int(lab) - 1]} {float(s):.2f}" for lab, s in zip(labels, scores)]
-            rgb = img.as_subclass(torch.Tensor)
-            rgb = rgb.expand(3, -1, -1) if rgb.shape[0] == 1 else rgb
-            drawn = draw_bounding_boxes(rgb, boxes, labels=text, width=2) if len(boxes) else rgb
-            _save_png(drawn.permute(1, 2, 0).numpy(), out / png)
-            results.append({
-                "file": str(f), "width": int(w), "height": int(h), "drawn": png.as_posix(),
-                "detections": [
-                    {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
-                     "label": int(lab), "class_name": names[int(lab) - 1]}
-                    for b, s, lab in zip(boxes, scores, labels)
-                ],
-            })
-    write_json_atomic(out / "predictions.json", results)
+    loader = image_loader([f for f, _ in items], channels, resize, batch_size, workers, keep_pixels=draw)
+    with Drawer(max(1, workers)) as drawer:
+        for batch in loader:
+            for bad in batch.unreadable:
+                assert bad.error is not None
+                print(f"warning: skipped {bad.error}")
+                skipped.append(bad.error)
+                results[bad.index] = {"file": str(items[bad.index][0]), "error": bad.error}
+            if batch.images is None:
+                continue
+            x = to_float_images(batch.images.to(device, non_blocking=True))
+            with torch.inference_mode():
+                outputs = model(x)
+            for item, det in zip(batch.loaded, outputs):
+                (h, w), f, png = item.size, items[item.index][0], pngs[item.index]
+                # the model saw the image resized (or letterboxed) to dim x dim: back to the image's own pixels
+                scores = det["scores"].cpu()
+                keep = scores >= conf
+                boxes = to_original(det["boxes"].cpu(), (h, w), dim, letterbox)[keep]
+                # python numbers once per image: a loop over tensor elements makes a tensor of each
+                scores, labels = scores[keep].tolist(), det["labels"].cpu()[keep].tolist()
+                entry: dict[str, Any] = {"file": str(f), "width": w, "height": h}
+                if draw:
+                    assert item.pixels is not None
+                    drawer(item.pixels, boxes, [f"{names[lab - 1]} {s:.2f}" for lab, s in zip(labels, scores)],
+                           out / png)
+                    entry["drawn"] = png.as_posix()
+                entry["detections"] = [
+                    {"box": [round(v, 2) for v in b], "score": round(s, 4), "label": lab, "class_name": names[lab - 1]}
+                    for b, s, lab in zip(boxes.tolist(), scores, labels)
+                ]
+                results[item.index] = entry
+    done = [r for r in results if r is not None]
+    assert len(done) == len(items)  # the loader yields every index exactly once
+    write_text_atomic(out / "predictions.json", predictions_json(done))
     if skipped:
         raise DataError(f"{len(skipped)} of {len(items)} images could not be read and were skipped (first: "
                         f"{skipped[0]}); the others' predictions are in {out / 'predictions.json'}")
-    return results
+    return done
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,12 +163,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="best | last | checkpoint dir | weights file | an exported .onnx/.pt2")
     # ranges are checked in predict(): a bad value is one line like every other error, not argparse's usage
     parser.add_argument("--conf", type=float, default=0.3, help="score threshold in [0, 1] for output and drawing")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes decoding and resizing the images (0: in the main process), and threads "
+                        "drawing the PNGs (at least 1); default: on a GPU one per CPU core but one, on the CPU one "
+                        "per 4 cores, at most 8")
+    parser.add_argument("--no-draw", dest="draw", action="store_false",
+                        help="write predictions.json only, no drawn PNGs")
 
 
 def run(args: argparse.Namespace) -> int:
-    res = predict(Path(args.run_dir), args.images, Path(args.out), args.checkpoint, args.conf, args.batch_size)
-    n = sum(len(r["detections"]) for r in res)
+    res = predict(Path(args.run_dir), args.images, Path(args.out), args.checkpoint, args.conf, args.batch_size,
+                  args.workers, args.draw)
+    n = sum(len(r.get("detections", ())) for r in res)
     print(f"{len(res)} images, {n} detections >= {args.conf} -> {Path(args.out) / 'predictions.json'}")
     return 0
 
