@@ -64,6 +64,7 @@ def pipeline_rate(augments: list[str], workers: int, batch: int, batches: int, e
 def train_rate(batch: int, steps: int, extra: list[str]) -> float:
     """Training img/s of the demo's model on fixed batches (forward + loss + backward + step): the rate the
     pipeline has to keep up with."""
+    from accel_det.engine.model_speed import apply_memory_format  # noqa: PLC0415
     from accel_det.models import build_model  # noqa: PLC0415
 
     recipe = recipe_for(["hflip"], 0, batch, extra)
@@ -72,6 +73,7 @@ def train_rate(batch: int, steps: int, extra: list[str]) -> float:
     train_ds.set_epoch(0)
     images, targets = next(iter(loader))
     model, _ = build_model(recipe)
+    model = apply_memory_format(model, recipe)  # as the trainer runs it (train.channels_last)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = images.float() / 255.0

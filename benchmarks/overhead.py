@@ -30,7 +30,7 @@ BASE = [
     "model.name=tv_ssdlite320_mobilenet_v3_large", "model.img_dim=320", "model.init=default",
     "data.batch_size=8", "data.num_workers=2", "data.augments=[]", "data.synthetic.num_train=160",
     "data.synthetic.num_val=16", "optimizer.name=sgd", "optimizer.lr=0.01", "optimizer.momentum=0.9",
-    "scheduler.name=cosine", "scheduler.warmup_iters=0", "train.log_freq=10",
+    "scheduler.name=cosine", "scheduler.warmup_iters=0", "train.log_freq=10", "train.ema.enabled=false",
 ]
 
 

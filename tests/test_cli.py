@@ -109,7 +109,9 @@ def test_evaluate_module_names_results_after_what_was_evaluated(trained: dict, c
     # a file called `best` in the working dir is not the keyword's checkpoint
     (tmp / "best").write_text("not weights")
     run([*ev], tmp)
-    assert json.loads((run_dir / "eval" / "evaluate_best.json").read_text())["weights"].endswith("model.safetensors")
+    # the demo keeps an EMA: the best checkpoint's ema.safetensors
+    best = json.loads((run_dir / "eval" / "evaluate_best.json").read_text())["weights"]
+    assert Path(best).parent.parent == run_dir / "checkpoints" and Path(best).name == "ema.safetensors"
     # two epochs' weights files and an evaluation with overrides each get their own result file
     for epoch in (1, 2):
         _cli(["evaluate", run_dir, "--checkpoint", run_dir / "checkpoints" / f"epoch_000{epoch}" / "model.safetensors"],

@@ -341,6 +341,7 @@ def test_demo_with_a_one_minute_budget(tmp_path: Path) -> None:
                               if not line.startswith("max_epoch")))
     overrides = [o for o in tiny_overrides(tmp_path / "runs", tmp_path / "data", **{
         "scheduler.name": "'cosine'", "scheduler.min_lr_ratio": 0.05, "eval.freq": 5, "output.checkpoint_freq": 0,
+        "optimizer.lr": 3e-3,
     }) if not o.startswith("train.max_epoch=")]
     minutes = 1.0
     run([sys.executable, "-m", "accel_det.train", recipe, *overrides, f"train.time_budget_minutes={minutes}"],
@@ -357,7 +358,7 @@ def test_demo_with_a_one_minute_budget(tmp_path: Path) -> None:
     epochs = [e for e in events if e["event"] == "epoch"]
     planned = end["epochs"]
     assert [e["epoch"] for e in epochs] == list(range(1, planned + 1)) and planned > 1
-    assert epochs[-1]["lr"] == pytest.approx(0.05 * 3e-3)  # demo: AdamW at 3e-3, cosine to 5 %
+    assert epochs[-1]["lr"] == pytest.approx(0.05 * 3e-3)  # AdamW at 3e-3, cosine to 5 %
     assert epochs[-2]["lr"] > epochs[-1]["lr"]
     assert (run_dir / "eval" / f"epoch_{planned:04d}.json").is_file()
     state = json.loads((run_dir / "checkpoints" / f"epoch_{planned:04d}" / "trainer_state.json").read_text())

@@ -251,6 +251,9 @@ class FinalWeightsHook(Hook):
         acc, tmp = self.accelerator, self.run_dir / ".final.tmp"
         acc.wait_for_everyone()
         acc.save_model(self.model, str(tmp), safe_serialization=True)
+        # every process lists tmp inside save_model (only the main one writes): all must be past it before the
+        # main process empties and removes it
+        acc.wait_for_everyone()
         if acc.is_main_process:
             for file in tmp.iterdir():  # model.safetensors (or its shards and index, for a huge model)
                 os.replace(file, self.run_dir / file.name)
