@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from accel_det.cli_args import parse_with_overrides
 from accel_det.errors import RecipeError, run_cli
 
 
@@ -64,15 +65,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from accel_det.report.cli import run
+    from accel_det.report import run
 
     return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     # the entry modules' argument definitions are imported without torch: they import it inside run()
-    from accel_det import check_data, evaluate, export, predict, train
-    from accel_det.report import cli as report
+    from accel_det import check_data, evaluate, export, predict, report, train
 
     parser = argparse.ArgumentParser(prog="accel-det", description="Train object detectors with Accelerate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,18 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_arguments(p)
     p.set_defaults(func=_report)
     return parser
-
-
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``parse_args``, except that key=value overrides may also come after options
-    (``evaluate RUN --checkpoint best eval.max_det=50``), which argparse's positional nargs="*" refuses."""
-    args, extra = parser.parse_known_args(argv)
-    bad = [e for e in extra if "=" not in e or e.startswith("-") or not hasattr(args, "overrides")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,10 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] |
 
     from accel_det.data import build_dataset, build_val_loader
     from accel_det.data.builder import eval_splits
-    from accel_det.engine.distributed import build_accelerator, main_process_first, write_json_atomic
+    from accel_det.engine.distributed import build_accelerator, main_process_first
     from accel_det.engine.evaluator import Evaluator
     from accel_det.engine.run import open_run
+    from accel_det.jsonio import write_json_atomic
     from accel_det.metrics import metrics_table
 
     opened = open_run(run_dir, checkpoint, overrides or [])
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accel_det.cli import parse_with_overrides
+    from accel_det.cli_args import parse_with_overrides
 
     parser = argparse.ArgumentParser(prog="accel_det.evaluate", description=__doc__)
     add_arguments(parser)

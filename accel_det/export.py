@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accel_det.cli import parse_with_overrides
+    from accel_det.cli_args import parse_with_overrides
 
     parser = argparse.ArgumentParser(prog="accel_det.export", description=__doc__)
     add_arguments(parser)

@@ -179,7 +179,7 @@ def _detection_json(d: dict[str, Any]) -> str:
 
 
 def _entry_json(entry: dict[str, Any]) -> str:
-    from accel_det.engine.distributed import strict_json
+    from accel_det.jsonio import strict_json
 
     dets = entry.get("detections")
     head = json.dumps(strict_json({k: v for k, v in entry.items() if k != "detections"}), indent=2, default=str)

@@ -149,7 +149,7 @@ def test_bad_arguments_and_an_unwritable_drawing_are_one_line(stub_run: Any, tmp
 
 
 def test_predictions_json_is_what_json_dumps_writes() -> None:
-    from accel_det.engine.distributed import strict_json
+    from accel_det.jsonio import strict_json
     from accel_det.predict_io import predictions_json
 
     det = {"box": [0.0, -0.0, 12.34, 1e16], "score": 0.1235, "label": 2, "class_name": "square"}

@@ -18,7 +18,7 @@ from PIL import Image
 from tiny_run import tiny_overrides
 
 from accel_det.metrics.confusion import confusion_matrix
-from accel_det.report.history import read_history
+from accel_det.reporting.history import read_history
 
 REPO = Path(__file__).parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
@@ -112,7 +112,7 @@ def test_pr_curve_area_is_the_reported_ap50(trained: Path) -> None:
 
 def test_no_evaluation_and_a_failing_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capfd: pytest.CaptureFixture[str]) -> None:
-    import accel_det.report.plots as plots
+    import accel_det.reporting.plots as plots
 
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
@@ -227,7 +227,7 @@ def test_history_leaves_out_abandoned_events(tmp_path: Path) -> None:
 
 def test_voc_result_has_no_curve_but_a_note(tmp_path: Path) -> None:
     from accel_det.config import load_recipe
-    from accel_det.report.build import ReportData, write_report
+    from accel_det.reporting.build import ReportData, write_report
 
     recipe = load_recipe(DEMO, ["eval.metric='voc07'", f"output.root='{tmp_path}'"])
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "train", "epoch": 1, "step": 1, "loss": 1.0}) + "\n")

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from accel_det.engine.distributed import write_json_atomic
 from accel_det.errors import CheckpointError
+from accel_det.jsonio import write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"

@@ -10,8 +10,6 @@ Traps guarded here (each one trains, but wrongly):
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
 import socket
@@ -134,24 +132,6 @@ def environment(accelerator: Accelerator, recipe: Any) -> dict[str, Any]:
         "effective_batch": per_process * accelerator.num_processes * recipe.train.accumulation_freq,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def strict_json(obj: Any) -> Any:
-    """NaN/inf -> null, so that every JSON we write parses with strict parsers (jq, JavaScript)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write via a temp file + os.replace: a killed process never leaves half a JSON file behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(strict_json(obj), indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Any:

@@ -20,9 +20,9 @@ from accelerate import Accelerator
 from torch import nn
 
 from accel_det.engine.checkpoint import Checkpointer, checkpoint_name
-from accel_det.engine.distributed import write_json_atomic
 from accel_det.engine.evaluator import Evaluator
 from accel_det.engine.progress import RunLog
+from accel_det.jsonio import write_json_atomic
 
 
 @dataclass

@@ -23,7 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from accel_det.engine.distributed import strict_json
+from accel_det.jsonio import strict_json
 
 
 class RunLog:

@@ -38,7 +38,6 @@ from accel_det.engine.distributed import (
     environment,
     lock_run_dir,
     main_process_first,
-    write_json_atomic,
 )
 from accel_det.engine.evaluator import Evaluator
 from accel_det.engine.extras import ProfilerHook, build_callbacks
@@ -53,12 +52,13 @@ from accel_det.engine.hooks import (
 )
 from accel_det.engine.model_speed import apply_memory_format, compile_model
 from accel_det.engine.progress import RunLog
+from accel_det.engine.report_hook import ReportHook
 from accel_det.engine.summary import model_summary
 from accel_det.errors import CheckpointError, DataError, describe
+from accel_det.jsonio import write_json_atomic
 from accel_det.models import build_model
 from accel_det.models.sync_bn import convert_sync_bn
 from accel_det.optim import ModelEMA, build_optimizer, build_scheduler, jump_to_step
-from accel_det.report.hook import ReportHook
 
 
 @dataclass

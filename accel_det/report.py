@@ -60,7 +60,7 @@ def report_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] | N
     from accel_det.engine.evaluator import predict_records
     from accel_det.engine.run import open_run
     from accel_det.errors import DataError
-    from accel_det.report.build import ReportData, write_report
+    from accel_det.reporting.build import ReportData, write_report
 
     if not (math.isfinite(conf) and 0.0 <= conf <= 1.0):
         raise UsageError(f"--conf {conf}: must be in [0, 1]")
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accel_det.cli import parse_with_overrides
+    from accel_det.cli_args import parse_with_overrides
 
     parser = argparse.ArgumentParser(prog="accel_det.report", description=__doc__)
     add_arguments(parser)

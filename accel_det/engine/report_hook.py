@@ -85,7 +85,7 @@ class ReportHook(Hook):
             self.log.info(f"warning: report not written: {describe(exc)}")
 
     def _write(self, state: TrainState, out: Any, source: str) -> None:
-        from accel_det.report.build import ReportData, write_report
+        from accel_det.reporting.build import ReportData, write_report
 
         weights = f"the final weights{' (EMA)' if self.ema else ''}, epoch {state.epoch}, step {state.global_step}"
         data = ReportData(

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from accel_det.config import Recipe
-from accel_det.engine.distributed import write_json_atomic
 from accel_det.errors import DatasetError, describe
+from accel_det.jsonio import write_json_atomic
 from accel_det.metrics.confusion import DEFAULT_CONF, DEFAULT_IOU, confusion_matrix
 
 MAX_LABEL_IMAGES = 2000  # images whose sizes are read for the box geometry (instance counts use every image)
@@ -49,7 +49,7 @@ class Written:
 def write_report(data: ReportData, *, strict: bool, warn: Callable[[str], None] = print) -> Written:
     """Every figure, then the page. ``strict``: errors propagate; else each is one ``warn`` line and the rest
     is still written."""
-    from accel_det.report.html import render_html
+    from accel_det.reporting.html import render_html
 
     plots = data.run_dir / "plots"
     out = Written()
@@ -91,8 +91,8 @@ def headline_keys(recipe: Recipe) -> list[str]:
 
 
 def _results(data: ReportData, path: Path) -> str | None:
-    from accel_det.report.history import read_history
-    from accel_det.report.plots import results_figure, save_png
+    from accel_det.reporting.history import read_history
+    from accel_det.reporting.plots import results_figure, save_png
 
     history = read_history(data.run_dir / "metrics.jsonl")
     save_png(results_figure(history, headline_keys(data.recipe)), path)
@@ -100,7 +100,7 @@ def _results(data: ReportData, path: Path) -> str | None:
 
 
 def _pr_curve(data: ReportData, path: Path) -> str | None:
-    from accel_det.report.plots import pr_figure, save_png
+    from accel_det.reporting.plots import pr_figure, save_png
 
     result = data.eval_result
     if result is None:
@@ -117,7 +117,7 @@ def _pr_curve(data: ReportData, path: Path) -> str | None:
 
 
 def _confusion(data: ReportData, path: Path, out: Written) -> str | None:
-    from accel_det.report.plots import confusion_figure, save_png
+    from accel_det.reporting.plots import confusion_figure, save_png
 
     if data.records is None:
         path.with_suffix(".json").unlink(missing_ok=True)
@@ -154,7 +154,7 @@ def label_stats(train_set: Any, class_names: list[str], max_images: int = MAX_LA
     """``LabelStats`` of the boxes training sees (difficult ones only when ``data.keep_difficult``): counts
     from every image, geometry from at most ``max_images`` evenly spread ones (their sizes are read from the
     files' headers; an unreadable file is left out, as training leaves it out)."""
-    from accel_det.report.plots import LabelStats
+    from accel_det.reporting.plots import LabelStats
 
     items = [(rec, ds.keep_difficult) for ds in _datasets(train_set) for rec in ds.records]
     counts = np.zeros(len(class_names), dtype=np.int64)
@@ -191,7 +191,7 @@ def label_stats(train_set: Any, class_names: list[str], max_images: int = MAX_LA
 
 
 def _labels(data: ReportData, path: Path) -> str | None:
-    from accel_det.report.plots import labels_figure, save_png
+    from accel_det.reporting.plots import labels_figure, save_png
 
     if data.train_set is None:
         return f"labels.png skipped: no train split ({data.train_error or 'not given'})"
@@ -202,7 +202,7 @@ def _labels(data: ReportData, path: Path) -> str | None:
 def _predictions(data: ReportData, path: Path) -> str | None:
     """The first ``GRID_IMAGES`` val images (by image id) with their ground truth and predictions."""
     from accel_det.data.images import load_image
-    from accel_det.report.plots import Shown, predictions_figure, save_png
+    from accel_det.reporting.plots import Shown, predictions_figure, save_png
 
     if data.records is None or data.val_set is None:
         return "val_predictions.png skipped: no val predictions"

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from accel_det.metrics.confusion import ConfusionMatrix
-from accel_det.report.history import History
+from accel_det.reporting.history import History
 
 MAX_LEGEND = 20  # classes named in a legend; past it the lines are drawn without one (80 COCO names hide the plot)
 MAX_ANNOTATED = 30  # confusion-matrix rows whose cells get their number written in

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from accel_det.metrics.report import fmt_metric, summary_keys
-from accel_det.report.build import ReportData, read_json
-from accel_det.report.history import read_history
+from accel_det.reporting.build import ReportData, read_json
+from accel_det.reporting.history import read_history
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
