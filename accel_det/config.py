@@ -119,7 +119,15 @@ class ModelConfig(Table):
         "loss on the decoded boxes (torchvision.ops: generalized, distance, complete IoU)",
     )
     loc_weight: PosFloat = Field(1.0, description="Weight of the localisation term against the classification one")
-    neg_pos_ratio: PosFloat = Field(3.0, description="MultiBox hard-negative mining negatives per positive")
+    cls_loss: Literal["ce", "qfl", "vfl"] = Field(
+        "ce",
+        description="MultiBox classification: ce = softmax cross-entropy with hard negative mining (SSD); qfl / vfl "
+        "= sigmoid scores trained towards each matched box's IoU, over every prior (quality focal loss, GFL; "
+        "varifocal loss, VarifocalNet): the score ranks boxes by their quality, what AP at strict IoUs rewards",
+    )
+    neg_pos_ratio: PosFloat = Field(
+        3.0, description="MultiBox hard-negative mining negatives per positive (model.cls_loss = 'ce')"
+    )
     match_iou: Prob = Field(0.35, description="MultiBox: IoU for a prior to match a ground-truth box")
     sync_bn: StrictBool = Field(False, description="BatchNorm -> SyncBatchNorm with several GPU processes")
     recompute: NonNegInt = Field(

@@ -1,6 +1,7 @@
 """The exportable graph of a native anchor model (models/native.py ``AnchorDetector``).
 
-It is the eager model's eval path written without Python-side control flow: normalise, ``net``, softmax, the
+It is the eager model's eval path written without Python-side control flow: normalise, ``net``, the class
+scores (softmax, or sigmoids for model.cls_loss qfl/vfl), the
 pre-NMS top-k over every (prior, class) pair of an image, decode of those candidates only, then
 :func:`accel_det.deploy.nms.select_detections`. Each step mirrors ``PostProcess.forward`` op for op, so the
 exported detections equal the eager ones (the export command checks it on every export).
@@ -14,11 +15,10 @@ stride)`` at every size (true of FaceBoxes, MobileNetV3 and ResNet-18: every str
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from accel_det.deploy.nms import select_detections
-from accel_det.models.native import AnchorDetector
+from accel_det.models.native import AnchorDetector, class_scores
 from accel_det.ops.boxes import decode
 
 
@@ -66,6 +66,7 @@ class NativeGraph(nn.Module):
         self.register_buffer("std", model.std.clone(), persistent=False)
         self.num_classes = num_classes
         self.variance = post.coder.variance
+        self.sigmoid = bool(getattr(post, "sigmoid", False))
         self.conf_thres, self.iou_thres = float(post.conf_thres), float(post.iou_thres)
         self.max_det, self.pre_nms_topk = int(post.max_det), int(post.pre_nms_topk)
         self.graph_priors = GraphPriors(model.priors) if dynamic_size else None
@@ -79,7 +80,7 @@ class NativeGraph(nn.Module):
         priors = self.priors if self.graph_priors is None else self.graph_priors(h, w)
         n, p, k1 = conf.shape
         k = k1 - 1
-        scores = F.softmax(conf.float(), dim=-1)[..., 1:].reshape(n, p * k)
+        scores = class_scores(conf, self.sigmoid).reshape(n, p * k)
         # over all (prior, class) pairs of each image, as PostProcess; TopK is row-wise: per image
         top_s, top_i = scores.topk(torch.sym_min(self.pre_nms_topk, p * k), dim=1)
         prior_i = torch.div(top_i, k, rounding_mode="floor")

@@ -13,13 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
-from accel_det.ops.boxes import BoxCoder, cxcywh_to_xyxy
+from accel_det.losses.quality import quality_focal_loss, varifocal_loss
+from accel_det.ops.boxes import BoxCoder, cxcywh_to_xyxy, paired_iou
 
 # on the encoded offsets
 OFFSET_LOSSES = {"smooth_l1": F.smooth_l1_loss, "l1": F.l1_loss}
 # on the decoded xyxy boxes
 IOU_LOSSES = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss, "ciou": complete_box_iou_loss}
 LOC_LOSSES = (*OFFSET_LOSSES, *IOU_LOSSES)
+# sigmoid scores trained towards the matched box's IoU, over every prior (no mining)
+QUALITY_LOSSES = {"qfl": quality_focal_loss, "vfl": varifocal_loss}
+CLS_LOSSES = ("ce", *QUALITY_LOSSES)
 
 
 def match(
@@ -71,10 +75,14 @@ class MultiBoxLoss(nn.Module):
         loss_fp32: bool = True,
         empty_negatives: int = 16,
         loc_weight: float = 1.0,
+        cls_loss: str = "ce",
     ) -> None:
         super().__init__()
         if loc_loss not in LOC_LOSSES:
             raise ValueError(f"loc_loss must be one of {', '.join(LOC_LOSSES)}, got {loc_loss!r}")
+        if cls_loss not in CLS_LOSSES:
+            raise ValueError(f"cls_loss must be one of {', '.join(CLS_LOSSES)}, got {cls_loss!r}")
+        self.cls_loss = cls_loss
         self.coder = BoxCoder(variance)
         self.match_iou = match_iou
         self.neg_pos_ratio = neg_pos_ratio
@@ -121,6 +129,7 @@ class MultiBoxLoss(nn.Module):
 
         # Localisation: only matched priors regress (the seed uses L1, SSD/FaceBoxes smooth L1).
         pos_priors = priors.expand_as(matched)[pos]
+        boxes_p = None
         if self.loc_loss in OFFSET_LOSSES:
             loc_t = self.coder.encode(matched[pos], pos_priors)
             loss_loc = OFFSET_LOSSES[self.loc_loss](loc[pos], loc_t, reduction="sum") / denom
@@ -130,6 +139,10 @@ class MultiBoxLoss(nn.Module):
             boxes_p = self.coder.decode(loc[pos], pos_priors)
             loss_loc = IOU_LOSSES[self.loc_loss](boxes_p, matched[pos], reduction="sum") / denom
         loss_loc = loss_loc * self.loc_weight
+        if self.cls_loss != "ce":
+            if boxes_p is None:
+                boxes_p = self.coder.decode(loc[pos], pos_priors)
+            return {"loss_loc": loss_loc, "loss_cls": self._quality_cls(conf, conf_t, pos, boxes_p, matched, denom)}
 
         # Classification with hard negative mining: rank the negatives of each image by their CE and
         # keep the top neg_pos_ratio * #pos, so the ~1000:1 background imbalance does not swamp the loss.
@@ -151,3 +164,24 @@ class MultiBoxLoss(nn.Module):
             neg = rank < num_neg.unsqueeze(1)
         loss_cls = ce[pos | neg].sum() / denom
         return {"loss_loc": loss_loc, "loss_cls": loss_cls}
+
+    def _quality_cls(
+        self,
+        conf: torch.Tensor,
+        conf_t: torch.Tensor,
+        pos: torch.Tensor,
+        boxes_p: torch.Tensor,
+        matched: torch.Tensor,
+        denom: torch.Tensor,
+    ) -> torch.Tensor:
+        """QFL / VFL over every (prior, class): the matched class's target is the IoU of the prior's decoded
+        box with its object (detached: the target is a quality to predict, not a way to move the box), every
+        other entry 0. No mining: the loss's own modulating factor down-weights the easy background (GFL §3.2),
+        and it is normalised by the number of positives, as the box term."""
+        logits = conf[..., 1:]  # the background channel has no role with sigmoid scores
+        with torch.no_grad():
+            quality = paired_iou(boxes_p.detach(), matched[pos])
+            target = torch.zeros_like(logits)
+            pos_labels = conf_t[pos] - 1
+            target[pos] = F.one_hot(pos_labels, logits.shape[-1]).to(target.dtype) * quality.unsqueeze(1)
+        return QUALITY_LOSSES[self.cls_loss](logits, target).sum() / denom

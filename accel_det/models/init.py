@@ -54,13 +54,19 @@ def background_bias(num_classes: int, prior: float = 0.01) -> float:
 
 
 @torch.no_grad()
-def init_conf_bias(conv: nn.Conv2d, num_classes: int, prior: float = 0.01) -> None:
-    """Set a softmax conf head's bias: channel c predicts class ``c % (K + 1)`` (class 0 = background)."""
+def init_conf_bias(conv: nn.Conv2d, num_classes: int, prior: float = 0.01, sigmoid: bool = False) -> None:
+    """Set a conf head's bias: channel c predicts class ``c % (K + 1)`` (class 0 = background). ``sigmoid``: the
+    object channels are independent sigmoids (model.cls_loss qfl/vfl; the background channel is unused), each
+    starting at ``prior`` as in RetinaNet."""
     if conv.bias is None:
         raise ValueError("the classification head needs a bias for the prior init")
     k1 = num_classes + 1
     if conv.out_channels % k1:
         raise ValueError(f"conf head has {conv.out_channels} channels, not a multiple of K+1 = {k1}")
     bias = torch.zeros(conv.out_channels)
-    bias[0::k1] = background_bias(num_classes, prior)
+    if sigmoid:
+        bias.fill_(-math.log((1.0 - prior) / prior))
+        bias[0::k1] = 0.0
+    else:
+        bias[0::k1] = background_bias(num_classes, prior)
     conv.bias.copy_(bias)

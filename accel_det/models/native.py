@@ -38,9 +38,13 @@ class PostProcess(nn.Module):
         iou_thres: float,
         max_det: int,
         pre_nms_topk: int = 5000,
+        sigmoid: bool = False,
     ) -> None:
         super().__init__()
         self.coder = BoxCoder(variance)
+        # how the conf logits become class scores: softmax over background + K, or K independent sigmoids
+        # (model.cls_loss qfl/vfl train those towards the box's IoU); the background channel is unused then
+        self.sigmoid = sigmoid
         self.conf_thres = conf_thres
         self.iou_thres = iou_thres
         self.max_det = max_det
@@ -55,7 +59,7 @@ class PostProcess(nn.Module):
         n, p, k1 = conf.shape
         k = k1 - 1
         h, w = image_size
-        scores = F.softmax(conf.float(), dim=-1)[..., 1:].reshape(n, p * k)  # drop background
+        scores = class_scores(conf, self.sigmoid).reshape(n, p * k)
         top_s, top_i = scores.topk(min(self.pre_nms_topk, p * k), dim=1)  # (N, T)
         # Equal scores (saturated at 1.0 in a confident model) in a fixed order, the lower index first, as
         # ONNX's TopK and NonMaxSuppression order them: the exported graph (accel_det/deploy) then keeps the
@@ -81,6 +85,13 @@ class PostProcess(nn.Module):
             idx = order[img[order] == i][: self.max_det]
             out.append({"boxes": boxes[idx], "scores": top_s[idx], "labels": labels[idx]})
         return out
+
+
+def class_scores(conf: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    """(N, P, K+1) conf logits -> (N, P, K) object-class scores (the eager and the exported graphs share it)."""
+    if sigmoid:
+        return conf[..., 1:].float().sigmoid()
+    return F.softmax(conf.float(), dim=-1)[..., 1:]  # drop background
 
 
 class AnchorDetector(nn.Module):
@@ -184,16 +195,20 @@ def build_anchor_detector(
     set_recompute(net, m.recompute, label)
     init_weights(net, m.init)
     for conv in net.classification_convs():
-        init_conf_bias(conv, recipe.num_classes)
+        init_conf_bias(conv, recipe.num_classes, sigmoid=m.cls_loss != "ce")
     criterion = MultiBoxLoss(
         variance=anchors.variance,
         match_iou=m.match_iou,
         neg_pos_ratio=m.neg_pos_ratio,
         loc_loss=m.loc_loss,
+        cls_loss=m.cls_loss,
         loc_weight=m.loc_weight,
         loss_fp32=recipe.train.loss_fp32,
     )
-    post = PostProcess(anchors.variance, recipe.eval.conf_thres, recipe.eval.iou_thres, recipe.eval.max_det)
+    post = PostProcess(
+        anchors.variance, recipe.eval.conf_thres, recipe.eval.iou_thres, recipe.eval.max_det,
+        sigmoid=m.cls_loss != "ce",
+    )
     # a timm backbone's weights expect its pretrained config's normalisation (models/timm_backbone.py)
     norm = getattr(getattr(net, "backbone", None), "norm", None)
     if mean is None and norm is not None:

@@ -59,3 +59,13 @@ class BoxCoder:
 
     def decode(self, loc: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
         return decode(loc, priors, self.variance)
+
+
+def paired_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """IoU of ``a[i]`` with ``b[i]`` (both (..., 4) xyxy): the diagonal of ``box_iou`` without its (M, M) matrix."""
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(dim=-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(dim=-1)
+    return inter / (area_a + area_b - inter + eps)
