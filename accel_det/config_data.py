@@ -17,8 +17,9 @@ from accel_det.errors import DataError
 from accel_det.hf_local import class_names_of
 
 # The training augments by name; data/transforms.py applies them in this order whatever the recipe's order.
+# "mosaic" (data/mosaic.py) is dataset-level: four training images in one (YOLOv4), training only.
 Augment = Literal[
-    "photometric", "color_jitter", "grayscale", "zoom_out", "iou_crop", "scale_jitter", "hflip", "vflip"
+    "mosaic", "photometric", "color_jitter", "grayscale", "zoom_out", "iou_crop", "scale_jitter", "hflip", "vflip"
 ]
 AUGMENTS: tuple[str, ...] = get_args(Augment)
 DataFormat = Literal["voc", "coco", "yolo", "hf", "synthetic"]
@@ -84,7 +85,9 @@ class DataConfig(Table):
     num_workers: NonNegInt = Field(2, description="DataLoader workers per process")
     augments: list[Augment] = Field(
         default_factory=lambda: ["hflip"],
-        description="Training augments (torchvision.transforms.v2), applied in the order listed in the type",
+        description="Training augments (torchvision.transforms.v2), applied in the order listed in the type; "
+        "'mosaic': sample i and three random others in one image (YOLOv4), then the rest as on any image; close "
+        "it for the last epochs with [[data.stages]]",
     )
     letterbox: StrictBool = Field(
         False, description="Keep the aspect ratio and pad to a square img_dim (mean colour), in training and "

@@ -4,6 +4,7 @@ with 0/1/2 DataLoader workers, against the training rate of the same recipe.
     python benchmarks/data_pipeline.py                      # demo data at 128 px, every augment, SSD set
     python benchmarks/data_pipeline.py --train-rate         # also time training steps for the ratio
     python benchmarks/data_pipeline.py --profile            # cProfile of the SSD set, single process
+    python benchmarks/data_pipeline.py --augments hflip mosaic,hflip   # only these sets (comma-separated)
 
 The data is the demo's synthetic VOC folder (generated on first use). A "pass" iterates the train loader
 for ``--batches`` batches (after one warm-up batch, so worker start-up is not counted); img/s = images /
@@ -30,7 +31,9 @@ from accel_det.config import load_recipe  # noqa: E402
 from accel_det.data.builder import build_datasets, build_train_loader  # noqa: E402
 
 SSD_SET = ["photometric", "zoom_out", "iou_crop", "hflip"]
-SINGLE = ["photometric", "color_jitter", "grayscale", "zoom_out", "iou_crop", "scale_jitter", "hflip", "vflip"]
+SINGLE = [
+    "mosaic", "photometric", "color_jitter", "grayscale", "zoom_out", "iou_crop", "scale_jitter", "hflip", "vflip"
+]
 
 
 def recipe_for(augments: list[str], workers: int, batch: int, extra: list[str]):
@@ -106,6 +109,8 @@ def main() -> None:
     p.add_argument("--train-rate", action="store_true", help="also time training steps of the demo model")
     p.add_argument("--profile", action="store_true", help="cProfile the SSD set with 0 workers and stop")
     p.add_argument("--only-sets", action="store_true", help="skip the per-augment rows")
+    p.add_argument("--augments", nargs="+", metavar="SET",
+                   help="time only these augment sets, each comma-separated ('' = none), instead of the default rows")
     p.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. model.img_dim=320")
     args = p.parse_args()
     torch.set_num_threads(1)  # what a DataLoader worker gets; the main process matches for 0 workers
@@ -123,6 +128,9 @@ def main() -> None:
     if not args.only_sets:
         rows += [(a, [a]) for a in SINGLE]
     rows += [("demo.toml: hflip", ["hflip"]), ("SSD set: " + " + ".join(SSD_SET), SSD_SET)]
+    if args.augments is not None:
+        sets = [[a for a in s.split(",") if a] for s in args.augments]
+        rows = [(" + ".join(s) or "none (decode + resize + collate)", s) for s in sets]
     print(f"cpu: {os.cpu_count()} cores, torch {torch.__version__}, batch {args.batch}, {args.batches} batches")
     trate = None
     if args.train_rate:

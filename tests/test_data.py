@@ -264,8 +264,8 @@ def test_transforms_keep_boxes_on_their_pixels() -> None:
         if len(target["boxes"]):
             ref = _mask_box(image)
             torch.testing.assert_close(target["boxes"][0].as_subclass(torch.Tensor), ref, atol=2.0, rtol=0)
-    with pytest.raises(ValueError, match="known: photometric, color_jitter, grayscale, zoom_out, iou_crop, "):
-        build_transforms(True, 64, ["mosaic"])
+    with pytest.raises(ValueError, match="known: mosaic, photometric, color_jitter, grayscale, zoom_out, iou_crop, "):
+        build_transforms(True, 64, ["cutout"])
 
 
 def test_sanitize_drops_degenerate_with_labels_and_flags() -> None:

@@ -14,6 +14,11 @@ that same shared epoch at every ``__getitem__``. So every worker of every proces
 boundary (and a resume lands in the right stage) without rebuilding the DataLoader: rebuilding would restart
 persistent workers and have to re-create what ``accelerator.prepare`` wrapped around the loader.
 
+Mosaic. A pipeline (or a stage's) that is a ``mosaic.Mosaic`` gets sample i plus three partners that it draws,
+inside the same seeded generator, from this dataset (``_partner``: loaded, not transformed); so a stage without
+mosaic gives plain samples, and validation, evaluation, predict and the data doctor, which never build a training
+pipeline, never mosaic.
+
 Bad samples. ``on_bad_sample`` says what a sample that fails to load does:
 
 - ``"error"``: raises its ``DataError`` (``local``: only the process that read it knows);
@@ -51,6 +56,7 @@ from .common import (
     summarize,
 )
 from .images import load_image
+from .mosaic import Mosaic
 
 Target = dict[str, Any]
 Transforms = Callable[[tv_tensors.Image, Target], tuple[tv_tensors.Image, Target]]
@@ -265,7 +271,20 @@ class DetectionDataset(Dataset):
         # would reseed every GPU too, and fork_rng(devices=[]) would not restore them).
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, draw))
+            if isinstance(transforms, Mosaic):  # its partners are drawn from the same seeded generator
+                return transforms.apply(image, target, len(self), self._partner)
             return transforms(image, target)
+
+    def _partner(self, idx: int) -> tuple[tv_tensors.Image, Target] | None:
+        """A mosaic partner, untransformed; ``None`` if it does not load and the policy is not "error" (the mosaic
+        puts its own sample in that place; the partner reports its failure when its own index comes, so it is
+        counted once per epoch)."""
+        try:
+            return self._load(idx)
+        except DatasetError:
+            if self.on_bad_sample == "error":
+                raise
+            return None
 
     def _load(self, idx: int) -> tuple[tv_tensors.Image, Target]:
         rec = self.records[idx]

@@ -24,10 +24,12 @@ from torchvision.transforms.v2 import functional as F
 
 from accel_det.config_data import AUGMENTS
 
-# Applied in this order whatever the recipe's order (config_data.Augment lists them so): colour first (it
-# works on the original pixels), then SSD's zoom-out (expand onto a mean-colour canvas) before the IoU crop, so
-# crops can also come from the zoomed-out canvas (the SSD paper's recipe), then the scale jitter of what is
-# left, then the flips.
+from .mosaic import Mosaic
+
+# Applied in this order whatever the recipe's order (config_data.Augment lists them so): the mosaic first (it
+# makes the image the others work on: mosaic.py), colour next (on the whole image), then SSD's zoom-out (expand
+# onto a mean-colour canvas) before the IoU crop, so crops can also come from the zoomed-out canvas (the SSD
+# paper's recipe), then the scale jitter of what is left, then the flips.
 AUGMENT_ORDER: tuple[str, ...] = AUGMENTS
 
 # ImageNet mean in uint8: zoom-out, scale jitter and letterbox fill with it so the padding looks like "average
@@ -213,11 +215,11 @@ def _augment(name: str, channels: int) -> nn.Module:
 
 def build_transforms(
     train: bool, img_dim: int, augments: Sequence[str], channels: int = 3, letterbox: bool = False
-) -> v2.Compose:
-    """``train``: the named augments (in AUGMENT_ORDER), to the ``img_dim`` square, drop degenerate boxes.
-    Val: to the square only; every ground-truth box survives, degenerate or not, because the evaluator needs
-    them all (and flags, not drops, difficult ones). ``letterbox``: keep the aspect ratio and pad instead of
-    stretching."""
+) -> v2.Compose | Mosaic:
+    """``train``: the named augments (in AUGMENT_ORDER), to the ``img_dim`` square, drop degenerate boxes; with
+    ``"mosaic"``, a ``Mosaic`` in front of that (the dataset gives it the partners: mosaic.py). Val: to the
+    square only; every ground-truth box survives, degenerate or not, because the evaluator needs them all (and
+    flags, not drops, difficult ones). ``letterbox``: keep the aspect ratio and pad instead of stretching."""
     unknown = [a for a in augments if a not in AUGMENT_ORDER]
     if unknown:
         raise ValueError(
@@ -225,10 +227,16 @@ def build_transforms(
         )
     steps: list[nn.Module] = []
     if train:
-        steps += [_augment(name, channels) for name in AUGMENT_ORDER if name in augments]
+        steps += [_augment(name, channels) for name in AUGMENT_ORDER if name in augments and name != "mosaic"]
     # Every image of a batch gets the same shape so collate can stack them. antialias=True keeps small objects
     # from aliasing away.
     steps.append(Letterbox(img_dim, _fill(channels)) if letterbox else v2.Resize((img_dim, img_dim), antialias=True))
-    if train:
-        steps.append(v2.SanitizeBoundingBoxes(min_size=1, labels_getter=sanitize_labels_getter))
+    if not train:
+        return v2.Compose(steps)
+    sanitize = v2.SanitizeBoundingBoxes(min_size=1, labels_getter=sanitize_labels_getter)
+    steps.append(sanitize)
+    if "mosaic" in augments:
+        # the same drop right after the mosaic: the next augments (the IoU crop's box centres) see no box that
+        # the clipping to the mosaic's edge left without area
+        return Mosaic(v2.Compose(steps), img_dim, _fill(channels), sanitize)
     return v2.Compose(steps)
