@@ -25,7 +25,9 @@ TORCHVISION_MODELS = (
     "tv_retinanet_resnet50_fpn_v2",
     "tv_fcos_resnet50_fpn",
 )
-KNOWN_MODELS = NATIVE_MODELS + TORCHVISION_MODELS
+# Native models without anchors (models/anchor_free.py): no [model.anchors]; strides and recompute stages below
+ANCHOR_FREE_MODELS = ("afdet_mobilenet_v3",)
+KNOWN_MODELS = NATIVE_MODELS + ANCHOR_FREE_MODELS + TORCHVISION_MODELS
 
 # Shared by every native model: the SSD box-coder variances and unclipped priors.
 DEFAULT_VARIANCE = (0.1, 0.2)
@@ -94,9 +96,24 @@ NATIVE_INFO: dict[str, NativeModelInfo] = {
 }
 
 
+@dataclass(frozen=True)
+class AnchorFreeInfo:
+    """What validation needs to know about an anchor-free net (its own backbone only)."""
+
+    strides: tuple[int, ...]
+    stages: tuple[str, ...]
+
+
+ANCHOR_FREE_INFO: dict[str, AnchorFreeInfo] = {
+    "afdet_mobilenet_v3": AnchorFreeInfo((8, 16, 32), MOBILENET_V3_STAGES),
+}
+
+
 def feature_strides(name: str, backbone: str = "") -> tuple[int, ...]:
     """Strides of a native model's feature maps, on its own backbone or on ``backbone`` ("timm:<name>");
     KeyError for a torchvision or unknown model, ValueError for a backbone the head cannot use."""
+    if name in ANCHOR_FREE_INFO:
+        return ANCHOR_FREE_INFO[name].strides
     info = NATIVE_INFO[name]
     if not backbone:
         return info.strides

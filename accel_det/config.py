@@ -23,6 +23,7 @@ from pydantic import (
 
 # the model names live in the torch-free catalog; re-exported here, where tests and modules import them
 from accel_det.catalog import (
+    ANCHOR_FREE_INFO,
     KNOWN_MODELS,
     NATIVE_INFO,
     NATIVE_MODELS,
@@ -123,7 +124,8 @@ class ModelConfig(Table):
         "ce",
         description="MultiBox classification: ce = softmax cross-entropy with hard negative mining (SSD); qfl / vfl "
         "= sigmoid scores trained towards each matched box's IoU, over every prior (quality focal loss, GFL; "
-        "varifocal loss, VarifocalNet): the score ranks boxes by their quality, what AP at strict IoUs rewards",
+        "varifocal loss, VarifocalNet): the score ranks boxes by their quality, what AP at strict IoUs rewards. "
+        "afdet_mobilenet_v3 (always sigmoid): qfl or vfl, and ce means its default, vfl",
     )
     neg_pos_ratio: PosFloat = Field(
         3.0, description="MultiBox hard-negative mining negatives per positive (model.cls_loss = 'ce')"
@@ -190,6 +192,8 @@ class ModelConfig(Table):
 
     @model_validator(mode="after")
     def _anchors_fit_model(self) -> ModelConfig:
+        if self.anchors is not None and self.name in ANCHOR_FREE_INFO:
+            raise KeyedError("anchors", f"{self.name} is anchor-free: remove [model.anchors]")
         if self.anchors is not None and self.name not in NATIVE_MODELS:
             raise ValueError(f"[model.anchors] applies only to native models ({', '.join(NATIVE_MODELS)})")
         if self.name in TORCHVISION_MODELS and self.channels != 3:
@@ -226,6 +230,9 @@ class ModelConfig(Table):
             raise KeyedError("backbone_weights", "needs model.backbone (the whole model's weights go in model.weights)")
         if not self.backbone:
             return
+        if self.name in ANCHOR_FREE_INFO:
+            raise KeyedError("backbone", f"{self.name} has only its own backbone: use '' (timm backbones are for "
+                             f"{', '.join(NATIVE_MODELS)})")
         if self.name not in NATIVE_INFO:
             raise KeyedError("backbone", f"applies only to native models ({', '.join(NATIVE_MODELS)})")
         try:
@@ -236,7 +243,7 @@ class ModelConfig(Table):
     def _recompute_fits(self) -> None:
         if not self.recompute:
             return
-        if self.name not in NATIVE_INFO:
+        if self.name not in NATIVE_INFO and self.name not in ANCHOR_FREE_INFO:
             raise KeyedError("recompute", f"applies only to native models ({', '.join(NATIVE_MODELS)})")
         if self.backbone:
             n = backbone_stages(self.name, self.backbone)
@@ -247,7 +254,7 @@ class ModelConfig(Table):
                 raise KeyedError("recompute", f"{self.recompute} but {_label(self.name, self.backbone)} has {n} "
                                  "backbone stages (timm's feature levels up to the head's last)")
             return
-        stages = NATIVE_INFO[self.name].stages
+        stages = (NATIVE_INFO.get(self.name) or ANCHOR_FREE_INFO[self.name]).stages
         if self.recompute > len(stages):
             raise KeyedError(
                 "recompute",
@@ -385,7 +392,7 @@ class Recipe(Table):
         last map is 1x1, and with one image per batch (training drops partial batches, so that is
         data.batch_size = 1) its BatchNorm sees one value per channel and torch refuses to train.
         """
-        if self.model.name not in NATIVE_INFO or self.data.batch_size > 1:
+        if (self.model.name not in NATIVE_INFO and self.model.name not in ANCHOR_FREE_INFO) or self.data.batch_size > 1:
             return
         top = max(self.model.feature_strides())
         if self.model.img_dim <= top:

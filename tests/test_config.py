@@ -241,7 +241,7 @@ def test_catalog_defaults() -> None:
     assert AnchorConfig() == AnchorConfig(**default_anchors("faceboxes", 1024))  # standalone = the paper's
     a = default_anchors("ssdlite_mobilenet_v3", 128)
     assert a["min_sizes"][0] == [10.2, 17.9] and a["steps"] == [8, 16, 32, 64] and not a["densify"]
-    assert set(KNOWN_MODELS) == set(NATIVE_MODELS) | set(TORCHVISION_MODELS)
+    assert set(KNOWN_MODELS) == set(NATIVE_MODELS) | set(catalog.ANCHOR_FREE_MODELS) | set(TORCHVISION_MODELS)
     assert set(catalog.NATIVE_INFO) == set(NATIVE_MODELS)
     assert config.KNOWN_MODELS is catalog.KNOWN_MODELS  # one list, re-exported
 

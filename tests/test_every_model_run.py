@@ -30,6 +30,16 @@ def _recipe_for(name: str, backbone: str = "") -> Path:
     return REPO / "recipes" / "demo.toml"
 
 
+def _epochs_not_minutes(path: Path, tmp: Path) -> Path:
+    """The recipe without train.time_budget_minutes (exclusive with the tiny run's train.max_epoch = 1)."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if not ln.lstrip().startswith("time_budget_minutes")]
+    if len(kept) == len(lines):
+        return path
+    (out := tmp / path.name).write_text("".join(kept))
+    return out
+
+
 def _tiny(tmp: Path, name: str) -> list[str]:
     native = not name.startswith("tv_")
     return [
@@ -52,7 +62,8 @@ def test_every_model_trains_evaluates_and_predicts(tmp_path: Path, name: str, ba
     from accel_det.engine.trainer import run_training
     from accel_det.predict import predict
 
-    recipe = load_recipe(_recipe_for(name, backbone), [*_tiny(tmp_path, name), f"model.backbone='{backbone}'"])
+    recipe = load_recipe(_epochs_not_minutes(_recipe_for(name, backbone), tmp_path),
+                         [*_tiny(tmp_path, name), f"model.backbone='{backbone}'"])
     state = run_training(recipe)
     assert state is not None and state.epoch == 1
     run_dir = recipe.run_dir()

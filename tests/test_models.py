@@ -22,7 +22,7 @@ def test_registry_matches_config() -> None:
 
 
 def test_unknown_model_lists_known_names() -> None:
-    with pytest.raises(RegistryError, match=r"unknown model 'fasterrcnn'.*known: faceboxes"):
+    with pytest.raises(RegistryError, match=r"unknown model 'fasterrcnn'.*known: afdet_mobilenet_v3, faceboxes"):
         MODELS.get("fasterrcnn")
 
 

@@ -20,9 +20,11 @@ from torch import nn
 
 import accel_det
 from accel_det.deploy import FORMATS, INPUT_NAME, OUTPUT_NAMES, ExportError
+from accel_det.deploy.anchor_free import AnchorFreeGraph
 from accel_det.deploy.native import NativeGraph
 from accel_det.deploy.nms import ONNX_TRANSLATIONS
 from accel_det.deploy.zoo import ZooGraph
+from accel_det.models.anchor_free import AnchorFreeDetector
 from accel_det.models.native import AnchorDetector
 
 DEFAULT_OPSET = 18  # the dynamo exporter's own; lower ones go through onnx's version converter
@@ -38,6 +40,11 @@ def build_graph(model: nn.Module, recipe: Any, dynamic_size: bool) -> nn.Module:
             raise ExportError(f"{name}: --dynamic-size needs model.img_dim > the largest stride "
                               f"{max(model.priors.steps)} (export traces feature maps of at least 2x2)")
         graph: nn.Module = NativeGraph(model, recipe.num_classes, (dim, dim), dynamic_size)
+    elif isinstance(model, AnchorFreeDetector):
+        if dynamic_size and dim <= max(model.net.strides):
+            raise ExportError(f"{name}: --dynamic-size needs model.img_dim > the largest stride "
+                              f"{max(model.net.strides)} (export traces feature maps of at least 2x2)")
+        graph = AnchorFreeGraph(model, recipe.num_classes)
     else:
         if dynamic_size:
             raise ExportError(f"{name}: --dynamic-size is for the native models; torchvision detectors are "
@@ -49,6 +56,8 @@ def build_graph(model: nn.Module, recipe: Any, dynamic_size: bool) -> nn.Module:
 def min_side(graph: nn.Module) -> int:
     """The smallest H, W a dynamic-size graph takes: every feature map at least 2x2 (torch.export specialises
     size-1 dims, so smaller inputs are refused by the exported program rather than computed wrongly)."""
+    if isinstance(graph, AnchorFreeGraph):
+        return max(graph.strides) + 1
     assert isinstance(graph, NativeGraph) and graph.graph_priors is not None
     return max(graph.graph_priors.steps) + 1
 
@@ -83,7 +92,7 @@ def metadata(opened: Any, fmt: str, batch: int | None, dynamic_size: bool, graph
              opset: int | None) -> dict[str, Any]:
     """What a deployment needs to feed the graph and read its outputs, and where it came from."""
     recipe, model = opened.recipe, opened.model
-    if isinstance(model, AnchorDetector):
+    if isinstance(model, AnchorDetector | AnchorFreeDetector):
         mean, std = model.mean.flatten().tolist(), model.std.flatten().tolist()
     else:
         mean, std = list(model.transform.image_mean), list(model.transform.image_std)

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from accel_det.models import faceboxes, ssd, torchvision_zoo  # noqa: F401  (registration)
+from accel_det.models import anchor_free, faceboxes, ssd, torchvision_zoo  # noqa: F401  (registration)
 from accel_det.models.base import MODELS
 from accel_det.models.weights import LoadReport, WeightsError, load_weights
 
