@@ -145,12 +145,14 @@ def test_draws_do_not_depend_on_workers_order_or_batches(tmp_path: Path) -> None
 def test_workers_ignore_sigint_and_sigterm() -> None:
     loader = DataLoader(_Signals(), batch_size=1, num_workers=2, worker_init_fn=worker_init, persistent_workers=True)
     it = iter(loader)
-    first = next(it)
+    # one batch from each worker (they take turns): both have run worker_init, so the signals cannot land before
+    # it on a loaded machine (they would kill a worker still starting, which is not what the test is about)
+    first = [next(it), next(it)]
     for worker in it._workers:  # what Ctrl-C or SLURM's scancel send to the whole process group
         os.kill(worker.pid, signal.SIGINT)
         os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.5)
-    batches = [first, *it]  # a killed worker would raise "DataLoader worker (pid ...) exited unexpectedly"
+    batches = [*first, *it]  # a killed worker would raise "DataLoader worker (pid ...) exited unexpectedly"
     assert sorted(int(b[0]) for b in batches) == list(range(len(_Signals())))
     assert {(int(b[1]), int(b[2])) for b in batches} == {(int(signal.SIG_IGN), int(signal.SIG_IGN))}
     del it
