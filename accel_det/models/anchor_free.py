@@ -31,7 +31,7 @@ from accel_det.losses.anchor_free import (
 )
 from accel_det.models.base import MODELS
 from accel_det.models.init import init_weights
-from accel_det.models.native import IMAGENET_MEAN, IMAGENET_STD
+from accel_det.models.native import register_normalisation, stack_images
 from accel_det.models.recompute import set_recompute
 from accel_det.models.ssd import MobileNetV3Taps, set_bn_momentum
 
@@ -184,29 +184,14 @@ class AnchorFreeDetector(nn.Module):
         self.criterion = criterion
         self.postprocess = postprocess
         self.channels = channels
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
-        # non-persistent: checkpoints hold only learned weights
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def _batch(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            sizes = {tuple(im.shape) for im in images}
-            if len(sizes) != 1:
-                raise ValueError(f"native models need same-size images (resize to img_dim first), got {sizes}")
-            images = torch.stack(list(images))
-        if images.dim() != 4 or images.shape[1] != self.channels:
-            raise ValueError(f"expected images (N, {self.channels}, H, W), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            images = images.float() / 255
-        return images
+        register_normalisation(self, channels)
 
     def forward(
         self, images: torch.Tensor | Sequence[torch.Tensor], targets: list[dict[str, Any]] | None = None
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         if self.training and targets is None:
             raise ValueError("in train mode the model needs targets (call model.eval() for detections)")
-        x = self._batch(images)
+        x = stack_images(images, self.channels)
         h, w = x.shape[-2:]
         cls, reg, sizes = self.net((x - self.mean) / self.std)
         points, strides = anchor_points(sizes, self.net.strides, device=x.device)

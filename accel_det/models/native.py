@@ -87,6 +87,31 @@ class PostProcess(nn.Module):
         return out
 
 
+def register_normalisation(
+    module: nn.Module, channels: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> None:
+    """``module.mean`` / ``module.std`` (1, C, 1, 1): ImageNet's for RGB, 0.5 otherwise, unless given."""
+    if mean is None or std is None:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+    # non-persistent: checkpoints hold only learned weights, and old ones keep loading
+    module.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+    module.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+
+def stack_images(images: torch.Tensor | Sequence[torch.Tensor], channels: int) -> torch.Tensor:
+    """A native model's input: a (N, C, H, W) batch or a list of same-size (C, H, W) images; uint8 -> [0, 1]."""
+    if not isinstance(images, torch.Tensor):
+        sizes = {tuple(im.shape) for im in images}
+        if len(sizes) != 1:
+            raise ValueError(f"native models need same-size images (resize to img_dim first), got {sizes}")
+        images = torch.stack(list(images))
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(f"expected images (N, {channels}, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():  # uint8 straight from a decoder
+        images = images.float() / 255
+    return images
+
+
 def class_scores(conf: torch.Tensor, sigmoid: bool) -> torch.Tensor:
     """(N, P, K+1) conf logits -> (N, P, K) object-class scores (the eager and the exported graphs share it)."""
     if sigmoid:
@@ -113,38 +138,14 @@ class AnchorDetector(nn.Module):
         self.criterion = criterion
         self.postprocess = postprocess
         self.channels = channels
-        if mean is None or std is None:
-            mean, std = (
-                (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
-            )
-        # non-persistent: checkpoints hold only learned weights, and old ones keep loading
-        self.register_buffer(
-            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
-        )
-
-    def _batch(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            sizes = {tuple(im.shape) for im in images}
-            if len(sizes) != 1:
-                raise ValueError(
-                    f"native models need same-size images (resize to img_dim first), got {sizes}"
-                )
-            images = torch.stack(list(images))
-        if images.dim() != 4 or images.shape[1] != self.channels:
-            raise ValueError(f"expected images (N, {self.channels}, H, W), got {tuple(images.shape)}")
-        if not images.is_floating_point():  # uint8 straight from a decoder
-            images = images.float() / 255
-        return images
+        register_normalisation(self, channels, mean, std)
 
     def forward(
         self, images: torch.Tensor | Sequence[torch.Tensor], targets: list[dict[str, Any]] | None = None
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         if self.training and targets is None:
             raise ValueError("in train mode the model needs targets (call model.eval() for detections)")
-        x = self._batch(images)
+        x = stack_images(images, self.channels)
         h, w = x.shape[-2:]
         loc, conf = self.net((x - self.mean) / self.std)
         priors = self.priors(h, w, device=x.device)
