@@ -105,7 +105,7 @@ def print_report(console: Console, report: DoctorReport, root: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from accel_det.config import load_recipe
+    from accel_det.config_io import load_recipe
     from accel_det.data.doctor import check_data
 
     if args.workers is not None and args.workers < 0:

@@ -12,7 +12,7 @@ from accel_det.errors import RecipeError, run_cli
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from accel_det.config import load_recipe
+    from accel_det.config_io import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     # a tracker whose package is missing would be dropped without a word at run time
@@ -28,7 +28,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _reference(args: argparse.Namespace) -> int:
-    from accel_det.config import reference_markdown
+    from accel_det.config_io import reference_markdown
 
     print(reference_markdown())
     return 0

@@ -1,4 +1,5 @@
-"""The recipe: one pydantic model per TOML table (``load_recipe()``, overrides and errors: config_io.py).
+"""The recipe: one pydantic model per TOML table (reading it, overrides and errors: config_io.py, which imports
+this module and never the other way round).
 
 This module must stay importable without torch: ``accel-det validate`` runs in well under a second.
 Every model forbids unknown keys; every key here is read somewhere in the package.
@@ -70,8 +71,6 @@ __all__ = [
     "StrictFloat",
     "StrictInt",
     "SyntheticConfig",
-    "load_recipe",
-    "reference_markdown",
 ]
 
 
@@ -418,19 +417,3 @@ class Recipe(Table):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
-
-
-# Reading a recipe (TOML/JSON text, overrides, one-line errors) lives in config_io.py, which validates with the
-# models above; these two keep `from accel_det.config import load_recipe` the one import everyone uses.
-def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe. Any problem raises RecipeError with one line."""
-    from accel_det.config_io import load_recipe as read
-
-    return read(path, overrides)
-
-
-def reference_markdown() -> str:
-    """The recipe reference, generated from the models (README's table comes from here)."""
-    from accel_det.config_io import reference_markdown as reference
-
-    return reference()

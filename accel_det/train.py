@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accel_det.config import load_recipe
+    from accel_det.config_io import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # before torch is imported: a bad recipe fails fast
     tune_malloc()

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from accel_det.config import load_recipe  # noqa: E402
+from accel_det.config_io import load_recipe  # noqa: E402
 from accel_det.data.builder import build_datasets, build_train_loader  # noqa: E402
 
 SSD_SET = ["photometric", "zoom_out", "iou_crop", "hflip"]

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from accel_det.config import load_recipe  # noqa: E402
+from accel_det.config_io import load_recipe  # noqa: E402
 from accel_det.data import build_dataset, build_train_loader  # noqa: E402
 from accel_det.models import build_model  # noqa: E402
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.models import build_model
 
 

@@ -47,7 +47,7 @@ def bare(args: argparse.Namespace) -> None:
     tune_malloc()
     import torch
 
-    from accel_det.config import load_recipe
+    from accel_det.config_io import load_recipe
     from accel_det.data import build_dataset, build_train_loader
     from accel_det.engine.model_speed import apply_memory_format
     from accel_det.models import build_model

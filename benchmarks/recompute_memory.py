@@ -4,7 +4,7 @@
 
 Each setting (model, img_dim, batch, ``model.recompute``) runs in a fresh subprocess, so one setting's
 allocations cannot lift the next one's peak. The child builds the model the real way
-(``accel_det.config.load_recipe`` + ``accel_det.models.build_model``, seeded), runs N training steps
+(``accel_det.config_io.load_recipe`` + ``accel_det.models.build_model``, seeded), runs N training steps
 (forward + loss + backward + SGD momentum step, like ``engine.trainer.train_step`` without Accelerate) on a
 fixed random batch, and reports:
 
@@ -61,7 +61,7 @@ def _rss_kib() -> int:
 def child(name: str, img_dim: int, batch: int, recompute: int, steps: int) -> dict[str, object]:
     import torch
 
-    from accel_det.config import load_recipe
+    from accel_det.config_io import load_recipe
     from accel_det.models import build_model
 
     recipe = load_recipe(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.errors import RecipeError
 from accel_det.losses.anchor_free import (
     TaskAlignedLoss,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.losses.multibox import MultiBoxLoss
 from accel_det.losses.quality import quality_focal_loss, varifocal_loss
 

@@ -21,10 +21,8 @@ from accel_det.config import (
     TORCHVISION_MODELS,
     AnchorConfig,
     RecipeError,
-    load_recipe,
-    reference_markdown,
 )
-from accel_det.config_io import parse_override
+from accel_det.config_io import load_recipe, parse_override, reference_markdown
 from accel_det.trackers import missing_tracker_packages
 
 BAD = [
@@ -299,7 +297,7 @@ def test_config_and_catalog_do_not_import_torch() -> None:
     code = "import sys, accel_det.config, accel_det.catalog; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
     # a callback's module is looked up, not imported
-    code = ("import sys; from accel_det.config import load_recipe; "
+    code = ("import sys; from accel_det.config_io import load_recipe; "
             "load_recipe(None, ['train.callbacks=[{target = \"accel_det.engine.hooks:Hook\"}]']); "
             "assert 'torch' not in sys.modules and 'accel_det.engine' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

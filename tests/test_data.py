@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from accel_det.config import SyntheticConfig, load_recipe
+from accel_det.config import SyntheticConfig
+from accel_det.config_io import load_recipe
 from accel_det.data import (
     COCODetection,
     DatasetError,

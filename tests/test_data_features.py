@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from accel_det.config import RecipeError, load_recipe
+from accel_det.config import RecipeError
+from accel_det.config_io import load_recipe
 from accel_det.data import (
     AUGMENT_ORDER,
     DatasetError,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.data import build_dataset, collate_fn
 from accel_det.errors import DataError, RecipeError
 

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from accel_det.config import RecipeError, load_recipe
+from accel_det.config import RecipeError
+from accel_det.config_io import load_recipe
 from accel_det.data import (
     PROBLEM_KINDS,
     COCODetection,

@@ -285,7 +285,7 @@ def test_yolo_bad_inputs_named_and_counted_and_the_same_with_workers(
     assert json.loads(res.stdout) == report and "Traceback" not in res.stderr
 
     # the progress hook sees every image of each split, in process and with a pool
-    from accel_det.config import load_recipe
+    from accel_det.config_io import load_recipe
     from accel_det.data.doctor import check_data
 
     for workers in (0, 2):

@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState, GradientState
 from tiny_run import tiny_overrides
 from torch import nn
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.engine.checkpoint import Checkpointer, checkpoint_name, resolve_checkpoint
 from accel_det.engine.distributed import build_accelerator
 from accel_det.engine.hooks import Hook, TrainState

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from accel_det.catalog import TIMM_EXAMPLES
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.models import MODELS
 
 REPO = Path(__file__).parents[1]

@@ -41,7 +41,7 @@ def make_run_from(recipe_file: Path, root: Path, overrides: list[str]) -> Path:
     output and data under ``root`` (benchmarks/export_speed.py builds its runs with it too)."""
     from safetensors.torch import save_model
 
-    from accel_det.config import load_recipe
+    from accel_det.config_io import load_recipe
     from accel_det.models import build_model
 
     recipe = load_recipe(recipe_file, [f"output.root='{root / 'runs'}'", f"data.root='{root / 'data'}'", *overrides])

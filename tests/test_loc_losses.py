@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.losses.multibox import MultiBoxLoss
 
 # One prior (cx, cy, w, h) = (0.5, 0.5, 0.2, 0.2); zero offsets decode to the box (0.4, 0.4, 0.6, 0.6). The

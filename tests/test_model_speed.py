@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.engine.model_speed import apply_memory_format, compile_model, use_channels_last
 from accel_det.models import build_model
 

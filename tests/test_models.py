@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import detection as tvd
 
-from accel_det.config import KNOWN_MODELS, load_recipe
+from accel_det.config import KNOWN_MODELS
+from accel_det.config_io import load_recipe
 from accel_det.models import MODELS, WeightsError, build_model, load_weights
 from accel_det.models.torchvision_zoo import LabelsFromOne
 from accel_det.registry import RegistryError

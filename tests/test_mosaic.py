@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.data import build_dataset, build_transforms, collate_fn
 from accel_det.data.common import DatasetError
 from accel_det.data.dataset import DetectionDataset, StagedTransforms

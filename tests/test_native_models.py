@@ -16,7 +16,8 @@ from torchvision.ops import box_iou
 
 import accel_det.models.faceboxes  # noqa: F401  (registration)
 import accel_det.models.ssd  # noqa: F401
-from accel_det.config import AnchorConfig, RecipeError, load_recipe
+from accel_det.config import AnchorConfig, RecipeError
+from accel_det.config_io import load_recipe
 from accel_det.losses.multibox import MultiBoxLoss, match
 from accel_det.models.base import MODELS
 from accel_det.models.init import background_bias, init_conf_bias, init_weights

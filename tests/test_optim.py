@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.optim import build_optimizer, build_scheduler, param_groups
 
 

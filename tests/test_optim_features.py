@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.engine.summary import count_parameters, model_summary
 from accel_det.optim import (
     ModelEMA,

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.errors import DataError, UsageError
 
 DIM = 64

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from accel_det.config import KNOWN_MODELS, load_recipe
+from accel_det.config import KNOWN_MODELS
+from accel_det.config_io import load_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
 
@@ -28,7 +29,7 @@ def test_every_torchvision_model_has_a_recipe() -> None:
 
 
 def test_readme_reference_is_current() -> None:
-    from accel_det.config import reference_markdown
+    from accel_det.config_io import reference_markdown
 
     text = (Path(__file__).parents[1] / "README.md").read_text()
     block = text.split("<!-- reference:start -->\n", 1)[1].split("\n<!-- reference:end -->", 1)[0]

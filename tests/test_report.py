@@ -226,7 +226,7 @@ def test_history_leaves_out_abandoned_events(tmp_path: Path) -> None:
 
 
 def test_voc_result_has_no_curve_but_a_note(tmp_path: Path) -> None:
-    from accel_det.config import load_recipe
+    from accel_det.config_io import load_recipe
     from accel_det.reporting.build import ReportData, write_report
 
     recipe = load_recipe(DEMO, ["eval.metric='voc07'", f"output.root='{tmp_path}'"])

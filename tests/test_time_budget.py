@@ -17,7 +17,8 @@ import torch
 from procs import run
 from tiny_run import tiny_overrides
 
-from accel_det.config import Recipe, load_recipe
+from accel_det.config import Recipe
+from accel_det.config_io import load_recipe
 from accel_det.data.dataset import StagedTransforms
 from accel_det.engine.budget import Costs, TimeBudget, evaluations, plan_epochs, predicted_seconds, stage_starts
 from accel_det.engine.hooks import EvalHook, Hook, TrainState

@@ -19,7 +19,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from accel_det import catalog  # noqa: E402
 from accel_det.catalog import TIMM_BACKBONES, TimmBackboneInfo, feature_strides, head_taps  # noqa: E402
-from accel_det.config import RecipeError, load_recipe  # noqa: E402
+from accel_det.config import RecipeError  # noqa: E402
+from accel_det.config_io import load_recipe  # noqa: E402
 from accel_det.models import MODELS, WeightsError, build_model  # noqa: E402
 from accel_det.models.timm_backbone import TimmBackbone  # noqa: E402
 
@@ -347,11 +348,11 @@ def test_without_timm(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_validate_imports_neither_torch_nor_timm() -> None:
-    code = ("import sys; from accel_det.config import load_recipe; "
+    code = ("import sys; from accel_det.config_io import load_recipe; "
             "load_recipe('recipes/demo_timm.toml', ['model.backbone=\"timm:resnet18\"', 'model.recompute=2']); "
             "assert 'torch' not in sys.modules and 'timm' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     code = ("import sys; sys.modules['timm'] = None; import accel_det.models, accel_det.train, accel_det.predict; "
-            "from accel_det.config import load_recipe; from accel_det.models import build_model; "
+            "from accel_det.config_io import load_recipe; from accel_det.models import build_model; "
             "build_model(load_recipe('recipes/demo.toml', ['model.img_dim=64']))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from accel_det.config import Recipe, load_recipe
-from accel_det.config_io import parse_override
+from accel_det.config import Recipe
+from accel_det.config_io import load_recipe, parse_override
 from accel_det.engine.checkpoint import check_same_model, is_complete, read_checkpoint_recipe, resolve_checkpoint
 from accel_det.errors import CheckpointError, UsageError, WeightsError
 

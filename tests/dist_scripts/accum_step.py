@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from torch import nn
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.data import build_datasets, build_loaders
 from accel_det.engine.distributed import build_accelerator
 from accel_det.engine.trainer import train_step

@@ -19,7 +19,7 @@ import sys
 
 import accel_det.engine.checkpoint as checkpoint
 import accel_det.engine.evaluator as evaluator
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.engine.hooks import Hook, TrainState
 from accel_det.engine.trainer import run_training
 from accel_det.errors import EvaluationError, run_cli

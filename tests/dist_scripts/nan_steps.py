@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import accel_det.engine.trainer as trainer
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.errors import run_cli
 from accel_det.models.native import AnchorDetector
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from accel_det.config import load_recipe
+from accel_det.config_io import load_recipe
 from accel_det.engine.hooks import Hook, TrainState
 from accel_det.engine.trainer import run_training
 from accel_det.errors import DataError, run_cli
